@@ -1,0 +1,33 @@
+# sala-train: the two commands of the README, each sets up its own environment in .venv.
+#   make demo   tiny teacher -> ... -> generation, on CPU (grows with each pipeline stage)
+#   make test   the CPU test suite (GPU tests are skipped without a GPU)
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# CPU torch wheel first (unpinned, pip would pull several GB of CUDA wheels), triton paired with it.
+TORCH_PINS := torch==2.13.0 triton==3.7.1
+DEMO_DIR ?= runs/demo
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PINS)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+demo: venv
+	PYTHONSAFEPATH=1 $(VENV)/bin/sala-make-teacher model=tiny output_dir=$(DEMO_DIR)/teacher
+	PYTHONSAFEPATH=1 $(VENV)/bin/sala-generate model_dir=$(DEMO_DIR)/teacher \
+		prompt="The history of the printing press" max_new_tokens=40
+
+test: venv
+	$(PY) -m pytest -q -m "not gpu and not multi_gpu" $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) runs build dist *.egg-info
