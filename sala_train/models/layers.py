@@ -68,26 +68,22 @@ class RotaryEmbedding(nn.Module):
             ratio = (max_position_embeddings or self.original_max_position_embeddings) / self.original_max_position_embeddings
             if ratio > 1.0:
                 self.attention_scaling = math.sqrt(1 + math.log(ratio) / math.log(self.original_max_position_embeddings))
-        self.register_buffer("inv_freq", torch.empty(head_dim // 2), persistent=False)
-        self.register_buffer("short_inv_freq", torch.empty(head_dim // 2), persistent=False)
-        self.register_buffer("long_inv_freq", torch.empty(head_dim // 2), persistent=False)
-        self.reset_parameters()
-
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """(Re)compute the frequency buffers; called after loading a model built on the meta device."""
-        device = self.inv_freq.device if self.inv_freq.device.type != "meta" else None
-        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float64, device=device) / self.head_dim
+        # Frequencies are plain fp32 attributes, not buffers: `model.to(bfloat16)` would round buffers and
+        # shift every angle. They are built on the CPU (also inside a meta-device context) and copied to
+        # each device once.
+        exponents = torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu") / head_dim
         inv_freq = (1.0 / self.theta**exponents).float()
-        self.inv_freq = inv_freq
-        if self.rope_scaling is None:
-            self.short_inv_freq = inv_freq
-            self.long_inv_freq = inv_freq
-        else:
-            short = torch.tensor(self.rope_scaling["short_factor"], dtype=torch.float32, device=device)
-            long = torch.tensor(self.rope_scaling["long_factor"], dtype=torch.float32, device=device)
-            self.short_inv_freq = inv_freq / short
-            self.long_inv_freq = inv_freq / long
+        self.short_inv_freq = self.long_inv_freq = inv_freq
+        if rope_scaling is not None:
+            self.short_inv_freq = inv_freq / torch.tensor(rope_scaling["short_factor"], dtype=torch.float32, device="cpu")
+            self.long_inv_freq = inv_freq / torch.tensor(rope_scaling["long_factor"], dtype=torch.float32, device="cpu")
+        self._on_device: dict[tuple[torch.device, bool], torch.Tensor] = {}
+
+    def _inv_freq(self, device: torch.device, long: bool) -> torch.Tensor:
+        key = (device, long)
+        if key not in self._on_device:
+            self._on_device[key] = (self.long_inv_freq if long else self.short_inv_freq).to(device)
+        return self._on_device[key]
 
     def forward(self, position_ids: torch.Tensor, seq_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """position_ids [B, T] -> (cos, sin), each [B, T, head_dim] in fp32.
@@ -95,13 +91,12 @@ class RotaryEmbedding(nn.Module):
         ``seq_len`` is the length that chooses the LongRoPE factors (cache included); by default
         ``max(position_ids) + 1``.
         """
-        inv_freq = self.short_inv_freq
+        long = False
         if self.rope_scaling is not None:
             if seq_len is None:
                 seq_len = int(position_ids.max()) + 1
-            if seq_len > self.original_max_position_embeddings:
-                inv_freq = self.long_inv_freq
-        freqs = position_ids[..., None].float() * inv_freq.to(position_ids.device)
+            long = seq_len > self.original_max_position_embeddings
+        freqs = position_ids[..., None].float() * self._inv_freq(position_ids.device, long)
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
 
