@@ -1,0 +1,332 @@
+"""Chunked lightning attention in Triton: forward and backward, varlen, fp32 state.
+
+Work is split along time into blocks of L tokens (a multiple of the chunk size C) that never cross a
+sequence boundary, so that long sequences still give thousands of parallel programs:
+
+forward   1. block_state:  each block's own state contribution dS_b = sum_t gamma^(L_b-1-t) k_t^T v_t
+          2. scan:         S_start_b = gamma^(L_{b-1}) S_start_{b-1} + dS_{b-1}, per sequence (in place)
+          3. output:       each block walks its chunks from S_start_b: o = ((q k^T) * M) v + gamma^(i+1) q S
+backward  1. block_dstate: dG_b = scale * sum_t gamma^(t+1) q_t^T do_t (the block's pull on S_start_b)
+          2. scan (reverse) gives G_end_b, the gradient w.r.t. each block's final state
+          3. dq walks forward from S_start_b; dk, dv walk backward from G_end_b
+
+The decay inside a chunk is always applied as gamma^(i-j) with i >= j (or gamma^n, n >= 0): never as
+gamma^-i on q and gamma^j on k, which overflows fp32 for fast heads (gamma = 0.43: 0.43^-64 = 3e23).
+The states S_start_b are saved for the backward pass (L times smaller than q).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _block_state_kernel(k, v, g, blk_start, blk_len, states,
+                        H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
+                        PRECISION: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    iv = tl.program_id(2)
+    start = tl.load(blk_start + b).to(tl.int64)
+    n_tok = tl.load(blk_len + b)
+    gh = tl.load(g + h).to(tl.float32)
+    rc = tl.arange(0, C)
+    rk = tl.arange(0, K)
+    rv = iv * BV + tl.arange(0, BV)
+    S = tl.zeros([K, BV], dtype=tl.float32)
+    for c0 in range(0, n_tok, C):
+        cl = tl.minimum(n_tok - c0, C)
+        valid = rc < cl
+        rows = start + c0 + rc
+        kc = tl.load(k + rows[:, None] * (H * K) + h * K + rk[None, :], mask=valid[:, None], other=0.0)
+        vc = tl.load(v + rows[:, None] * (H * V) + h * V + rv[None, :], mask=valid[:, None], other=0.0)
+        w_k = tl.where(valid, tl.exp(gh * tl.maximum(cl - 1 - rc, 0).to(tl.float32)), 0.0)
+        kw = (kc * w_k[:, None]).to(vc.dtype)
+        S = S * tl.exp(gh * cl.to(tl.float32)) + tl.dot(tl.trans(kw), vc, input_precision=PRECISION)
+    base = states + (b.to(tl.int64) * H + h) * (K * V)
+    tl.store(base + rk[:, None] * V + rv[None, :], S)
+
+
+@triton.jit
+def _scan_kernel(states, g, blk_len, seq_first_blk, init, final,
+                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
+                 HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr, REVERSE: tl.constexpr):
+    """In place over `states`: block contributions in, the state at each block's start (forward) or the
+    gradient at each block's end (REVERSE) out. `init` is the initial state (forward) or the gradient of
+    the final state (reverse); `final` gets the final state (forward) or the initial-state gradient."""
+    n = tl.program_id(0)
+    h = tl.program_id(1)
+    iv = tl.program_id(2)
+    gh = tl.load(g + h).to(tl.float32)
+    rk = tl.arange(0, K)
+    rv = iv * BV + tl.arange(0, BV)
+    tile = rk[:, None] * V + rv[None, :]
+    first = tl.load(seq_first_blk + n)
+    last = tl.load(seq_first_blk + n + 1)
+    seq_base = (n.to(tl.int64) * H + h) * (K * V)
+    if HAS_INIT:
+        S = tl.load(init + seq_base + tile).to(tl.float32)
+    else:
+        S = tl.zeros([K, BV], dtype=tl.float32)
+    for i in range(0, last - first):
+        if REVERSE:
+            b = last - 1 - i
+        else:
+            b = first + i
+        ptr = states + (b.to(tl.int64) * H + h) * (K * V) + tile
+        contribution = tl.load(ptr)
+        tl.store(ptr, S)
+        S = S * tl.exp(gh * tl.load(blk_len + b).to(tl.float32)) + contribution
+    if STORE_FINAL:
+        tl.store(final + seq_base + tile, S)
+
+
+@triton.jit
+def _output_kernel(q, k, v, o, states, g, blk_start, blk_len, scale,
+                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    iv = tl.program_id(2)
+    start = tl.load(blk_start + b).to(tl.int64)
+    n_tok = tl.load(blk_len + b)
+    gh = tl.load(g + h).to(tl.float32)
+    rc = tl.arange(0, C)
+    rk = tl.arange(0, K)
+    rv = iv * BV + tl.arange(0, BV)
+    S = tl.load(states + (b.to(tl.int64) * H + h) * (K * V) + rk[:, None] * V + rv[None, :])
+    diff = rc[:, None] - rc[None, :]
+    causal = diff >= 0
+    decay_ij = tl.exp(gh * tl.maximum(diff, 0).to(tl.float32))
+    decay_q = tl.exp(gh * (rc + 1).to(tl.float32))
+    for c0 in range(0, n_tok, C):
+        cl = tl.minimum(n_tok - c0, C)
+        valid = rc < cl
+        rows = start + c0 + rc
+        qc = tl.load(q + rows[:, None] * (H * K) + h * K + rk[None, :], mask=valid[:, None], other=0.0)
+        kc = tl.load(k + rows[:, None] * (H * K) + h * K + rk[None, :], mask=valid[:, None], other=0.0)
+        vc = tl.load(v + rows[:, None] * (H * V) + h * V + rv[None, :], mask=valid[:, None], other=0.0)
+        qk = tl.dot(qc, tl.trans(kc), input_precision=PRECISION)
+        A = tl.where(causal, qk * decay_ij, 0.0).to(vc.dtype)
+        qs = (qc * decay_q[:, None]).to(vc.dtype)
+        oc = tl.dot(A, vc, input_precision=PRECISION) + tl.dot(qs, S.to(vc.dtype), input_precision=PRECISION)
+        tl.store(o + rows[:, None] * (H * V) + h * V + rv[None, :], (oc * scale).to(o.dtype.element_ty),
+                 mask=valid[:, None])
+        w_k = tl.where(valid, tl.exp(gh * tl.maximum(cl - 1 - rc, 0).to(tl.float32)), 0.0)
+        kw = (kc * w_k[:, None]).to(vc.dtype)
+        S = S * tl.exp(gh * cl.to(tl.float32)) + tl.dot(tl.trans(kw), vc, input_precision=PRECISION)
+
+
+@triton.jit
+def _block_dstate_kernel(q, do, g, blk_start, blk_len, dstates, scale,
+                         H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
+                         PRECISION: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    iv = tl.program_id(2)
+    start = tl.load(blk_start + b).to(tl.int64)
+    n_tok = tl.load(blk_len + b)
+    gh = tl.load(g + h).to(tl.float32)
+    rc = tl.arange(0, C)
+    rk = tl.arange(0, K)
+    rv = iv * BV + tl.arange(0, BV)
+    G = tl.zeros([K, BV], dtype=tl.float32)
+    for c0 in range(0, n_tok, C):
+        valid = rc < n_tok - c0
+        rows = start + c0 + rc
+        qc = tl.load(q + rows[:, None] * (H * K) + h * K + rk[None, :], mask=valid[:, None], other=0.0)
+        doc = tl.load(do + rows[:, None] * (H * V) + h * V + rv[None, :], mask=valid[:, None], other=0.0)
+        w_q = tl.where(valid, tl.exp(gh * (c0 + rc + 1).to(tl.float32)), 0.0)
+        G += tl.dot(tl.trans((qc * w_q[:, None]).to(doc.dtype)), doc, input_precision=PRECISION)
+    base = dstates + (b.to(tl.int64) * H + h) * (K * V)
+    tl.store(base + rk[:, None] * V + rv[None, :], G * scale)
+
+
+@triton.jit
+def _dq_kernel(do, k, v, dq, states, g, blk_start, blk_len, scale,
+               H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, PRECISION: tl.constexpr):
+    """dq = scale * [((do v^T) * M) k + gamma^(i+1) do S^T], walking the block forward from S_start."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    start = tl.load(blk_start + b).to(tl.int64)
+    n_tok = tl.load(blk_len + b)
+    gh = tl.load(g + h).to(tl.float32)
+    rc = tl.arange(0, C)
+    rk = tl.arange(0, K)
+    rv = tl.arange(0, V)
+    S = tl.load(states + (b.to(tl.int64) * H + h) * (K * V) + rk[:, None] * V + rv[None, :])
+    diff = rc[:, None] - rc[None, :]
+    causal = diff >= 0
+    decay_ij = tl.exp(gh * tl.maximum(diff, 0).to(tl.float32))
+    decay_q = tl.exp(gh * (rc + 1).to(tl.float32))
+    for c0 in range(0, n_tok, C):
+        cl = tl.minimum(n_tok - c0, C)
+        valid = rc < cl
+        rows = start + c0 + rc
+        doc = tl.load(do + rows[:, None] * (H * V) + h * V + rv[None, :], mask=valid[:, None], other=0.0)
+        kc = tl.load(k + rows[:, None] * (H * K) + h * K + rk[None, :], mask=valid[:, None], other=0.0)
+        vc = tl.load(v + rows[:, None] * (H * V) + h * V + rv[None, :], mask=valid[:, None], other=0.0)
+        dov = tl.dot(doc, tl.trans(vc), input_precision=PRECISION)
+        A = tl.where(causal, dov * decay_ij, 0.0).to(kc.dtype)
+        dos = (doc * decay_q[:, None]).to(kc.dtype)
+        dqc = tl.dot(A, kc, input_precision=PRECISION) + tl.dot(dos, tl.trans(S.to(kc.dtype)), input_precision=PRECISION)
+        tl.store(dq + rows[:, None] * (H * K) + h * K + rk[None, :], (dqc * scale).to(dq.dtype.element_ty),
+                 mask=valid[:, None])
+        w_k = tl.where(valid, tl.exp(gh * tl.maximum(cl - 1 - rc, 0).to(tl.float32)), 0.0)
+        kw = (kc * w_k[:, None]).to(vc.dtype)
+        S = S * tl.exp(gh * cl.to(tl.float32)) + tl.dot(tl.trans(kw), vc, input_precision=PRECISION)
+
+
+@triton.jit
+def _dkv_kernel(q, k, v, do, dk, dv, dstates, g, blk_start, blk_len, scale,
+                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, PRECISION: tl.constexpr):
+    """dk = scale ((do v^T) * M)^T q + w (v G^T),  dv = scale ((q k^T) * M)^T do + w (k G), with
+    w_j = gamma^(cl-1-j) and G the gradient w.r.t. the chunk's final state, walking the block backward."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    start = tl.load(blk_start + b).to(tl.int64)
+    n_tok = tl.load(blk_len + b)
+    gh = tl.load(g + h).to(tl.float32)
+    rc = tl.arange(0, C)
+    rk = tl.arange(0, K)
+    rv = tl.arange(0, V)
+    G = tl.load(dstates + (b.to(tl.int64) * H + h) * (K * V) + rk[:, None] * V + rv[None, :])
+    diff = rc[:, None] - rc[None, :]
+    causal = diff >= 0
+    decay_ij = tl.exp(gh * tl.maximum(diff, 0).to(tl.float32))
+    decay_q = tl.exp(gh * (rc + 1).to(tl.float32))
+    n_chunks = tl.cdiv(n_tok, C)
+    for i in range(0, n_chunks):
+        c0 = (n_chunks - 1 - i) * C
+        cl = tl.minimum(n_tok - c0, C)
+        valid = rc < cl
+        rows = start + c0 + rc
+        qc = tl.load(q + rows[:, None] * (H * K) + h * K + rk[None, :], mask=valid[:, None], other=0.0)
+        kc = tl.load(k + rows[:, None] * (H * K) + h * K + rk[None, :], mask=valid[:, None], other=0.0)
+        vc = tl.load(v + rows[:, None] * (H * V) + h * V + rv[None, :], mask=valid[:, None], other=0.0)
+        doc = tl.load(do + rows[:, None] * (H * V) + h * V + rv[None, :], mask=valid[:, None], other=0.0)
+        dtype = qc.dtype
+        w_k = tl.where(valid, tl.exp(gh * tl.maximum(cl - 1 - rc, 0).to(tl.float32)), 0.0)
+        dov = tl.dot(doc, tl.trans(vc), input_precision=PRECISION)
+        A_do = tl.where(causal, dov * decay_ij, 0.0).to(dtype)
+        qk = tl.dot(qc, tl.trans(kc), input_precision=PRECISION)
+        A_qk = tl.where(causal, qk * decay_ij, 0.0).to(dtype)
+        G_low = G.to(dtype)
+        dkc = tl.dot(tl.trans(A_do), qc, input_precision=PRECISION) * scale \
+            + tl.dot(vc, tl.trans(G_low), input_precision=PRECISION) * w_k[:, None]
+        dvc = tl.dot(tl.trans(A_qk), doc, input_precision=PRECISION) * scale \
+            + tl.dot(kc, G_low, input_precision=PRECISION) * w_k[:, None]
+        tl.store(dk + rows[:, None] * (H * K) + h * K + rk[None, :], dkc.to(dk.dtype.element_ty), mask=valid[:, None])
+        tl.store(dv + rows[:, None] * (H * V) + h * V + rv[None, :], dvc.to(dv.dtype.element_ty), mask=valid[:, None])
+        w_q = tl.where(valid, decay_q, 0.0)
+        G = G * tl.exp(gh * cl.to(tl.float32)) \
+            + tl.dot(tl.trans((qc * w_q[:, None]).to(dtype)), doc, input_precision=PRECISION) * scale
+
+
+# -- host side --------------------------------------------------------------------------------------
+
+class BlockTable:
+    """Blocks of at most L tokens that never cross a sequence boundary (int32 tensors on the device)."""
+
+    def __init__(self, seq_bounds: list[int], block_len: int, device: torch.device):
+        starts, lengths, first = [], [], [0]
+        for s, e in zip(seq_bounds[:-1], seq_bounds[1:]):
+            for b0 in range(s, e, block_len):
+                starts.append(b0)
+                lengths.append(min(block_len, e - b0))
+            first.append(len(starts))
+        self.num_blocks = len(starts)
+        self.num_seqs = len(seq_bounds) - 1
+        as_tensor = lambda x: torch.tensor(x, dtype=torch.int32, device=device)  # noqa: E731
+        self.start, self.length, self.seq_first = as_tensor(starts or [0]), as_tensor(lengths or [0]), as_tensor(first)
+
+
+def choose_block_len(total_tokens: int, num_heads: int, chunk: int, target_programs: int = 2048) -> int:
+    """Tokens per block: long enough that the per-block states stay small next to q, short enough that
+    there are about `target_programs` (block, head) programs to fill the GPU."""
+    block = chunk
+    while block < 4096 and (total_tokens // (2 * block)) * num_heads >= target_programs:
+        block *= 2
+    return block
+
+
+def _kernel_config(D: int, dtype: torch.dtype) -> dict:
+    interp = INTERPRET
+    return {
+        "C": 16 if interp else 64,
+        "BV": D if interp else min(D, 64),
+        "PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+        "warps_fwd": 4,
+        "warps_bwd": 8 if D >= 128 else 4,
+    }
+
+
+class LightningAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, decay, scale, initial_state, output_final_state, seq_bounds, block_len):
+        TT, H, D = q.shape  # flattened tokens
+        cfg = _kernel_config(D, q.dtype)
+        C, BV = cfg["C"], cfg["BV"]
+        L = block_len or choose_block_len(TT, H, C)
+        table = BlockTable(seq_bounds, L, q.device)
+        N = table.num_seqs
+        g = decay.float().contiguous()
+        states = torch.empty(max(table.num_blocks, 1), H, D, D, dtype=torch.float32, device=q.device)
+        final = torch.empty(N, H, D, D, dtype=torch.float32, device=q.device) if output_final_state else None
+        o = torch.empty_like(v)
+        if table.num_blocks:
+            grid = (table.num_blocks, H, triton.cdiv(D, BV))
+            _block_state_kernel[grid](k, v, g, table.start, table.length, states, H=H, K=D, V=D, C=C, BV=BV,
+                                      PRECISION=cfg["PRECISION"], num_warps=cfg["warps_fwd"])
+        _scan_kernel[(N, H, triton.cdiv(D, BV))](
+            states, g, table.length, table.seq_first, initial_state, final, H=H, K=D, V=D, BV=BV,
+            HAS_INIT=initial_state is not None, STORE_FINAL=final is not None, REVERSE=False, num_warps=4)
+        if table.num_blocks:
+            _output_kernel[(table.num_blocks, H, triton.cdiv(D, BV))](
+                q, k, v, o, states, g, table.start, table.length, scale, H=H, K=D, V=D, C=C, BV=BV,
+                PRECISION=cfg["PRECISION"], num_warps=cfg["warps_fwd"])
+        ctx.save_for_backward(q, k, v, g, states)
+        ctx.table, ctx.scale, ctx.cfg = table, scale, cfg
+        ctx.has_initial_state = initial_state is not None
+        return o, final
+
+    @staticmethod
+    def backward(ctx, do, dfinal):
+        q, k, v, g, states = ctx.saved_tensors
+        table, scale, cfg = ctx.table, ctx.scale, ctx.cfg
+        TT, H, D = q.shape
+        C, BV = cfg["C"], cfg["BV"]
+        N = table.num_seqs
+        do = do.contiguous()
+        dstates = torch.empty_like(states)
+        dinit = torch.empty(N, H, D, D, dtype=torch.float32, device=q.device) if ctx.has_initial_state else None
+        if dfinal is not None:
+            dfinal = dfinal.float().contiguous()
+        if table.num_blocks:
+            _block_dstate_kernel[(table.num_blocks, H, triton.cdiv(D, BV))](
+                q, do, g, table.start, table.length, dstates, scale, H=H, K=D, V=D, C=C, BV=BV,
+                PRECISION=cfg["PRECISION"], num_warps=cfg["warps_fwd"])
+        _scan_kernel[(N, H, triton.cdiv(D, BV))](
+            dstates, g, table.length, table.seq_first, dfinal, dinit, H=H, K=D, V=D, BV=BV,
+            HAS_INIT=dfinal is not None, STORE_FINAL=dinit is not None, REVERSE=True, num_warps=4)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        if table.num_blocks:
+            grid = (table.num_blocks, H)
+            _dq_kernel[grid](do, k, v, dq, states, g, table.start, table.length, scale, H=H, K=D, V=D, C=C,
+                             PRECISION=cfg["PRECISION"], num_warps=cfg["warps_bwd"])
+            _dkv_kernel[grid](q, k, v, do, dk, dv, dstates, g, table.start, table.length, scale, H=H, K=D, V=D,
+                              C=C, PRECISION=cfg["PRECISION"], num_warps=cfg["warps_bwd"])
+        return dq, dk, dv, None, None, dinit, None, None, None
+
+
+def chunk_lightning_attention(q, k, v, decay, scale, initial_state, output_final_state, seq_bounds,
+                              block_len: int | None = None):
+    """Triton path on flattened tokens: q, k, v [TT, H, D]; seq_bounds the sequence starts + total."""
+    return LightningAttentionFunction.apply(q, k, v, decay, scale, initial_state, output_final_state,
+                                            seq_bounds, block_len)
