@@ -1,0 +1,177 @@
+"""InfLLM-V2 sparse attention (SALA's sparse mixer): key compression, block selection, block-sparse
+attention, and the dense/sparse switch. Semantics: see ``naive.py``; math: ``README.md``.
+
+Triton kernels run on CUDA tensors (and on the CPU under TRITON_INTERPRET=1); elsewhere the references of
+``naive.py`` run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .naive import (
+    compress_keys_reference,
+    dense_causal_attention_reference,
+    select_blocks_reference,
+    sparse_attention_reference,
+)
+
+__all__ = ["SparseConfig", "compress_keys", "select_blocks", "sparse_attention", "infllmv2_attention",
+           "infllmv2_decode"]
+
+
+@dataclass(frozen=True)
+class SparseConfig:
+    """The `sparse_config` of the released MiniCPM-SALA config (SPEC 2.4)."""
+
+    kernel_size: int = 32
+    kernel_stride: int = 16
+    block_size: int = 64
+    init_blocks: int = 1
+    window_size: int = 2048
+    topk: int = 64
+    dense_len: int = 8192
+    use_nope: bool = False
+
+    @property
+    def local_blocks(self) -> int:
+        """Blocks of the sliding window, the query's own block included."""
+        return self.window_size // self.block_size
+
+    @property
+    def slots(self) -> int:
+        return self.init_blocks + self.local_blocks + self.topk
+
+    @classmethod
+    def from_dict(cls, values: dict | None) -> "SparseConfig":
+        values = dict(values or {})
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"sparse_config has unknown keys {sorted(unknown)}; known: {sorted(known)}")
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        if self.block_size % self.kernel_stride:
+            raise ValueError(f"sparse_config.block_size ({self.block_size}) must be a multiple of kernel_stride "
+                             f"({self.kernel_stride})")
+        if self.window_size % self.block_size:
+            raise ValueError(f"sparse_config.window_size ({self.window_size}) must be a multiple of block_size "
+                             f"({self.block_size})")
+        for key in ("kernel_size", "kernel_stride", "block_size", "window_size"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"sparse_config.{key} must be positive, got {getattr(self, key)}")
+
+
+def _check(q, k, v=None) -> None:
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"q and k must be [B, T, H, D], got {list(q.shape)} and {list(k.shape)}")
+    if k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
+        raise ValueError(f"k {list(k.shape)} does not match q {list(q.shape)} in batch, length or head_dim")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of KV heads ({k.shape[2]})")
+    if v is not None and v.shape != k.shape:
+        raise ValueError(f"v must have k's shape {list(k.shape)}, got {list(v.shape)}")
+
+
+def compress_keys(k, kernel_size: int = 32, stride: int = 16, cu_seqlens=None):
+    """Mean-pooled keys over full windows: (k_c, cu_c). See ``naive.compress_keys_reference``."""
+    return compress_keys_reference(k, kernel_size, stride, cu_seqlens)
+
+
+@torch.no_grad()
+def select_blocks(q, k, *, block_size=64, kernel_size=32, kernel_stride=16, init_blocks=1, local_blocks=32, topk=64,
+                  scale=None, cu_seqlens=None) -> torch.Tensor:
+    """Block indices [B, H_kv, T, init + local + topk] (int32, ascending, -1 = empty). No gradient."""
+    _check(q, k)
+    return select_blocks_reference(q, k, block_size=block_size, kernel_size=kernel_size, kernel_stride=kernel_stride,
+                                   init_blocks=init_blocks, local_blocks=local_blocks, topk=topk, scale=scale,
+                                   cu_seqlens=cu_seqlens)
+
+
+def sparse_attention(q, k, v, block_indices, *, block_size=64, scale=None, cu_seqlens=None) -> torch.Tensor:
+    """Exact softmax attention of each query over the keys of its selected blocks (causal)."""
+    _check(q, k, v)
+    return sparse_attention_reference(q, k, v, block_indices, block_size=block_size, scale=scale, cu_seqlens=cu_seqlens)
+
+
+def _dense(q, k, v, scale, cu_seqlens):
+    if q.device.type == "cuda" or q.shape[1] > 4096:
+        from sala_train.models.attention import causal_attention, varlen_causal_attention
+
+        if cu_seqlens is None:
+            return causal_attention(q, k, v, scale=scale)
+        return varlen_causal_attention(q, k, v, cu_seqlens, scale=scale)
+    return dense_causal_attention_reference(q, k, v, scale=scale, cu_seqlens=cu_seqlens)
+
+
+def infllmv2_attention(q, k, v, config: SparseConfig | dict | None = None, cu_seqlens=None, scale=None) -> torch.Tensor:
+    """Dense causal attention for sequences shorter than ``config.dense_len``, block selection + sparse
+    attention for the others (each packed document decides by its own length).
+
+    q [B, T, H_q, D], k and v [B, T, H_kv, D] (B = 1 with ``cu_seqlens``) -> o [B, T, H_q, D].
+    """
+    config = config if isinstance(config, SparseConfig) else SparseConfig.from_dict(config)
+    _check(q, k, v)
+    B, T = q.shape[:2]
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist() if cu_seqlens is not None else [T] * B
+    if all(n < config.dense_len for n in lengths):
+        return _dense(q, k, v, scale, cu_seqlens)
+    select = dict(block_size=config.block_size, kernel_size=config.kernel_size, kernel_stride=config.kernel_stride,
+                  init_blocks=config.init_blocks, local_blocks=config.local_blocks, topk=config.topk, scale=scale)
+    if all(n >= config.dense_len for n in lengths):
+        indices = select_blocks(q, k, cu_seqlens=cu_seqlens, **select)
+        return sparse_attention(q, k, v, indices, block_size=config.block_size, scale=scale, cu_seqlens=cu_seqlens)
+    # packed documents on both sides of dense_len: each group through its own path
+    out = torch.empty_like(q)
+    bounds = cu_seqlens.tolist()
+    for long in (False, True):
+        docs = [(s, e) for s, e in zip(bounds[:-1], bounds[1:]) if (e - s >= config.dense_len) == long]
+        if not docs:
+            continue
+        index = torch.cat([torch.arange(s, e, device=q.device) for s, e in docs])
+        cu = torch.tensor([0] + [e - s for s, e in docs], device=q.device).cumsum(0)
+        sub = [x[:, index] for x in (q, k, v)]
+        if long:
+            indices = select_blocks(sub[0], sub[1], cu_seqlens=cu, **select)
+            part = sparse_attention(*sub, indices, block_size=config.block_size, scale=scale, cu_seqlens=cu)
+        else:
+            part = _dense(*sub, scale, cu)
+        out[:, index] = part
+    return out
+
+
+@torch.no_grad()
+def infllmv2_decode(q, k_cache, v_cache, config: SparseConfig | dict | None = None, scale=None) -> torch.Tensor:
+    """Attention of one new token per sequence against its cache (the token's own k, v already appended).
+
+    q [N, H_q, D]; k_cache, v_cache [N, S, H_kv, D] with S the tokens so far (this one included).
+    Dense below ``dense_len``, else the same block selection the prefill would make for the last row.
+    """
+    config = config if isinstance(config, SparseConfig) else SparseConfig.from_dict(config)
+    N, S = k_cache.shape[:2]
+    Hq, D = q.shape[1:]
+    G = Hq // k_cache.shape[2]
+    scale = D**-0.5 if scale is None else scale
+    kh = k_cache.float().repeat_interleave(G, 2)  # [N, S, Hq, D]
+    vh = v_cache.float().repeat_interleave(G, 2)
+    scores = torch.einsum("nhd,nshd->nhs", q.float(), kh) * scale
+    if S >= config.dense_len:
+        # the selection of the last row of a prefill over the cache (q placed at the last position)
+        q_full = torch.zeros(N, S, Hq, D, device=q.device, dtype=q.dtype)
+        q_full[:, -1] = q
+        indices = select_blocks_reference(q_full, k_cache, block_size=config.block_size,
+                                          kernel_size=config.kernel_size, kernel_stride=config.kernel_stride,
+                                          init_blocks=config.init_blocks, local_blocks=config.local_blocks,
+                                          topk=config.topk, scale=scale)[:, :, -1]  # [N, Hk, slots]
+        n_blocks = -(-S // config.block_size)
+        chosen = torch.zeros(N, k_cache.shape[2], n_blocks + 1, dtype=torch.bool, device=q.device)
+        chosen.scatter_(-1, torch.where(indices < 0, n_blocks, indices).long(), True)
+        key_block = torch.arange(S, device=q.device) // config.block_size
+        mask = chosen[..., key_block].repeat_interleave(G, 1)  # [N, Hq, S]
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.einsum("nhs,nshd->nhd", scores.softmax(-1), vh).to(q.dtype)
