@@ -88,15 +88,57 @@ def select_blocks(q, k, *, block_size=64, kernel_size=32, kernel_stride=16, init
                   scale=None, cu_seqlens=None) -> torch.Tensor:
     """Block indices [B, H_kv, T, init + local + topk] (int32, ascending, -1 = empty). No gradient."""
     _check(q, k)
-    return select_blocks_reference(q, k, block_size=block_size, kernel_size=kernel_size, kernel_stride=kernel_stride,
-                                   init_blocks=init_blocks, local_blocks=local_blocks, topk=topk, scale=scale,
-                                   cu_seqlens=cu_seqlens)
+    from .select import triton_select_blocks, triton_supports
+
+    B, T, Hq, D = q.shape
+    if not (_use_triton(q, block_size) and triton_supports(block_size, kernel_size, kernel_stride, D)):
+        return select_blocks_reference(q, k, block_size=block_size, kernel_size=kernel_size,
+                                       kernel_stride=kernel_stride, init_blocks=init_blocks, local_blocks=local_blocks,
+                                       topk=topk, scale=scale, cu_seqlens=cu_seqlens)
+    scale = D**-0.5 if scale is None else float(scale)
+    flat = lambda x: x.contiguous().view(B * T, x.shape[2], D)  # noqa: E731
+    idx = triton_select_blocks(flat(q), flat(k), _seq_bounds(cu_seqlens, B, T), block_size=block_size,
+                               kernel_size=kernel_size, kernel_stride=kernel_stride, init_blocks=init_blocks,
+                               local_blocks=local_blocks, topk=topk, scale=scale)
+    return idx.view(k.shape[2], B, T, -1).permute(1, 0, 2, 3)
+
+
+TRITON_HEAD_DIMS = (16, 32, 64, 128)
+
+
+def _use_triton(x: torch.Tensor, block_size: int) -> bool:
+    from sala_train.kernels.lightning.chunk import INTERPRET
+
+    pow2 = block_size >= 16 and block_size & (block_size - 1) == 0
+    return pow2 and x.shape[-1] in TRITON_HEAD_DIMS and (x.is_cuda or (INTERPRET and x.device.type == "cpu"))
+
+
+def _seq_bounds(cu_seqlens, B: int, T: int) -> list[int]:
+    return cu_seqlens.tolist() if cu_seqlens is not None else [b * T for b in range(B + 1)]
 
 
 def sparse_attention(q, k, v, block_indices, *, block_size=64, scale=None, cu_seqlens=None) -> torch.Tensor:
-    """Exact softmax attention of each query over the keys of its selected blocks (causal)."""
+    """Exact softmax attention of each query over the keys of its selected blocks (causal).
+
+    q [B, T, H_q, D], k, v [B, T, H_kv, D], block_indices [B, H_kv, T, S] (from ``select_blocks``;
+    relative to each sequence's start) -> o [B, T, H_q, D]. Differentiable in q, k, v.
+    """
     _check(q, k, v)
-    return sparse_attention_reference(q, k, v, block_indices, block_size=block_size, scale=scale, cu_seqlens=cu_seqlens)
+    B, T, Hq, D = q.shape
+    if block_indices.shape[:3] != (B, k.shape[2], T):
+        raise ValueError(f"block_indices must be [B, H_kv, T, S] = [{B}, {k.shape[2]}, {T}, S], "
+                         f"got {list(block_indices.shape)}")
+    scale = D**-0.5 if scale is None else float(scale)
+    if not _use_triton(q, block_size):
+        return sparse_attention_reference(q, k, v, block_indices, block_size=block_size, scale=scale,
+                                          cu_seqlens=cu_seqlens)
+    from .attention import triton_sparse_attention
+
+    Hk = k.shape[2]
+    flat = lambda x: x.contiguous().view(B * T, x.shape[2], D)  # noqa: E731
+    idx = block_indices.permute(1, 0, 2, 3).reshape(Hk, B * T, -1).to(torch.int32).contiguous()
+    o = triton_sparse_attention(flat(q), flat(k), flat(v), idx, _seq_bounds(cu_seqlens, B, T), block_size, scale)
+    return o.view(B, T, Hq, D)
 
 
 def _dense(q, k, v, scale, cu_seqlens):

@@ -15,8 +15,9 @@ Semantics, per sequence and KV head:
    The scores of the G query heads of a KV group are summed.
 3. Block score (blocks of ``block_size`` tokens): the max over the visible windows that overlap the block.
 4. Selection: the ``init_blocks`` first blocks and the ``local_blocks`` blocks ending at the query's own
-   block (that block included) are forced in; then the ``topk`` best other blocks with a score; nothing in
-   the future of the query's block. Indices ascending, padded with -1, ``init + local + topk`` slots.
+   block (that block included) are forced in; then the ``topk`` best other blocks with a score (equal
+   scores: the smaller block index first); nothing in the future of the query's block. Indices
+   ascending, padded with -1, ``init + local + topk`` slots.
 5. Attention: exact softmax of each query over the keys of its selected blocks, causal (key <= query).
 """
 
@@ -122,7 +123,10 @@ def select_blocks_reference(q, k, *, block_size=64, kernel_size=32, kernel_strid
         ranked[:, forced] = float("inf")
         ranked[:, future] = float("-inf")
         keep = min(slots, n_blocks)
-        values, index = ranked.topk(keep, dim=-1)
+        # Ties are structural (adjacent blocks share a boundary window, so both can take the same max):
+        # a stable sort makes the smaller block index win, as the Triton kernel does.
+        values, index = ranked.sort(dim=-1, descending=True, stable=True)
+        values, index = values[..., :keep], index[..., :keep]
         index = torch.where(values > float("-inf"), index, torch.full_like(index, n_blocks))  # empty -> sorts last
         index = index.sort(-1).values
         index = torch.where(index == n_blocks, torch.full_like(index, -1), index)
