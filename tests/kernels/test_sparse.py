@@ -1,0 +1,177 @@
+"""InfLLM-V2 sparse attention: Triton selection and block-sparse attention against the naive references.
+
+CPU: the Triton kernels under the interpreter, fp32, tiny block and window sizes (block 16, windows 8 / 4,
+so sequences of ~100-200 tokens have several blocks). GPU (`gpu`): bf16 at real shapes.
+"""
+
+import pytest
+import torch
+
+from sala_train.kernels.sparse import (
+    SparseConfig,
+    compress_keys,
+    infllmv2_attention,
+    infllmv2_decode,
+    select_blocks,
+    sparse_attention,
+)
+from sala_train.kernels.sparse.naive import (
+    dense_causal_attention_reference,
+    select_blocks_reference,
+    sparse_attention_reference,
+)
+from sala_train.testing import assert_close, requires_gpu
+
+TINY = dict(block_size=16, kernel_size=8, kernel_stride=4, init_blocks=1, local_blocks=2, topk=3)
+TINY_CONFIG = SparseConfig(kernel_size=8, kernel_stride=4, block_size=16, init_blocks=1, window_size=32, topk=3,
+                           dense_len=64)
+# fp32 dots in the interpreter vs fp64 references: relative RMS error near 1e-7
+FP32_RATIO = 2e-6
+
+
+def qkv(B, T, Hq, Hk, D=16, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, T, Hq, D, generator=g, dtype=dtype), torch.randn(B, T, Hk, D, generator=g, dtype=dtype),
+            torch.randn(B, T, Hk, D, generator=g, dtype=dtype))
+
+
+def test_compress_keys_means_full_windows_per_sequence():
+    k = torch.randn(1, 45, 2, 4)
+    kc, cu = compress_keys(k, kernel_size=8, stride=4, cu_seqlens=torch.tensor([0, 7, 45]))
+    # first document (7 tokens) has no full window; the second has floor((38 - 8) / 4) + 1 = 8
+    assert cu.tolist() == [0, 0, 8]
+    assert_close(kc[0, 3], k[0, 7 + 12 : 7 + 20].mean(0), ratio=1e-6, name="window 3 of doc 2")
+
+
+@pytest.mark.parametrize("Hq,Hk", [(2, 2), (4, 2), (16, 1)], ids=["group1", "group2", "group16"])
+@pytest.mark.parametrize("T", [47, 150])
+def test_triton_selection_equals_reference(Hq, Hk, T):
+    q, k, _ = qkv(2, T, Hq, Hk, dtype=torch.float32, seed=T + Hq)
+    ref = select_blocks_reference(q, k, **TINY)
+    got = select_blocks(q, k, **TINY)
+    assert got.shape == (2, Hk, T, 6)
+    assert torch.equal(got, ref.to(got.dtype))
+
+
+def test_triton_selection_varlen_equals_reference_and_separate_documents():
+    q, k, _ = qkv(1, 190, 4, 2, dtype=torch.float32, seed=3)
+    cu = torch.tensor([0, 33, 34, 120, 190])
+    got = select_blocks(q, k, cu_seqlens=cu, **TINY)
+    assert torch.equal(got, select_blocks_reference(q, k, cu_seqlens=cu, **TINY).to(got.dtype))
+    alone = select_blocks(q[:, 34:120], k[:, 34:120], **TINY)
+    assert torch.equal(got[:, :, 34:120], alone)
+
+
+def test_selection_properties():
+    q, k, _ = qkv(1, 200, 4, 2, dtype=torch.float32, seed=4)
+    idx = select_blocks(q, k, **TINY)
+    t = torch.arange(200)
+    own = t // 16
+    for row in range(200):
+        chosen = [b for b in idx[0, 0, row].tolist() if b >= 0]
+        assert chosen == sorted(chosen) and len(set(chosen)) == len(chosen)
+        assert max(chosen) == own[row] and 0 in chosen  # own block and init block
+        assert own[row] - 1 in chosen or own[row] == 0  # the local window (2 blocks)
+        assert len(chosen) == min(6, own[row] + 1)  # every slot used once enough blocks are visible
+    assert (idx[0, :, :, -1] == -1).any()  # early rows are padded
+
+
+@pytest.mark.parametrize("Hq,Hk", [(2, 2), (4, 2), (16, 1)], ids=["group1", "group2", "group16"])
+def test_sparse_attention_forward_and_gradients(poisoned, Hq, Hk):
+    B, T = 2, 83
+    q, k, v = qkv(B, T, Hq, Hk, seed=Hq)
+    idx = select_blocks_reference(q.float(), k.float(), **TINY)
+    do = torch.randn(B, T, Hq, 16, dtype=torch.float64)
+    ref_in = [x.clone().requires_grad_() for x in (q, k, v)]
+    o_ref = sparse_attention_reference(*ref_in, idx, block_size=16)
+    (o_ref * do).sum().backward()
+    ours_in = [x.float().requires_grad_() for x in (q, k, v)]
+    o = sparse_attention(*ours_in, idx, block_size=16)
+    (o.double() * do).sum().backward()
+    assert_close(o, o_ref, ratio=FP32_RATIO, name="o")
+    for name, mine, theirs in zip(("dq", "dk", "dv"), ours_in, ref_in):
+        assert_close(mine.grad, theirs.grad, ratio=FP32_RATIO, name=name)
+
+
+def test_sparse_attention_varlen(poisoned):
+    q, k, v = qkv(1, 120, 4, 2, seed=9)
+    cu = torch.tensor([0, 17, 18, 120])
+    idx = select_blocks_reference(q.float(), k.float(), cu_seqlens=cu, **TINY)
+    ref_in = [x.clone().requires_grad_() for x in (q, k, v)]
+    o_ref = sparse_attention_reference(*ref_in, idx, block_size=16, cu_seqlens=cu)
+    o_ref.square().sum().backward()
+    ours_in = [x.float().requires_grad_() for x in (q, k, v)]
+    o = sparse_attention(*ours_in, idx, block_size=16, cu_seqlens=cu)
+    o.double().square().sum().backward()
+    assert_close(o, o_ref, ratio=FP32_RATIO, name="varlen o")
+    for name, mine, theirs in zip(("dq", "dk", "dv"), ours_in, ref_in):
+        assert_close(mine.grad, theirs.grad, ratio=FP32_RATIO, name=f"varlen {name}")
+
+
+def test_selecting_every_block_is_dense_attention():
+    q, k, v = qkv(1, 70, 4, 2, dtype=torch.float32, seed=11)
+    idx = select_blocks(q, k, **{**TINY, "local_blocks": 5})  # 5 local blocks cover all of 70 tokens
+    assert_close(sparse_attention(q, k, v, idx, block_size=16), dense_causal_attention_reference(q, k, v),
+                 ratio=FP32_RATIO, name="all blocks")
+
+
+def test_dense_below_dense_len_and_sparse_above():
+    q, k, v = qkv(1, 100, 4, 2, dtype=torch.float32, seed=12)
+    short = infllmv2_attention(q[:, :50], k[:, :50], v[:, :50], TINY_CONFIG)
+    assert_close(short, dense_causal_attention_reference(q[:, :50], k[:, :50], v[:, :50]), ratio=FP32_RATIO,
+                 name="below dense_len")
+    long = infllmv2_attention(q, k, v, TINY_CONFIG)
+    expected = sparse_attention_reference(q, k, v, select_blocks_reference(q, k, **TINY), block_size=16)
+    assert_close(long, expected, ratio=FP32_RATIO, name="above dense_len")
+    assert (long - dense_causal_attention_reference(q, k, v)).abs().max() > 1e-3  # really sparse
+
+
+def test_packed_documents_on_both_sides_of_dense_len():
+    q, k, v = qkv(1, 130, 4, 2, dtype=torch.float32, seed=13)
+    cu = torch.tensor([0, 30, 130])
+    packed = infllmv2_attention(q, k, v, TINY_CONFIG, cu_seqlens=cu)
+    first = infllmv2_attention(q[:, :30], k[:, :30], v[:, :30], TINY_CONFIG)
+    second = infllmv2_attention(q[:, 30:], k[:, 30:], v[:, 30:], TINY_CONFIG)
+    assert_close(packed, torch.cat([first, second], dim=1), ratio=FP32_RATIO, name="packed")
+
+
+@pytest.mark.parametrize("S", [40, 64, 97])
+def test_decode_equals_last_row_of_prefill(S):
+    q, k, v = qkv(2, S, 4, 2, dtype=torch.float32, seed=S)
+    full = infllmv2_attention(q, k, v, TINY_CONFIG)
+    step = infllmv2_decode(q[:, -1], k, v, TINY_CONFIG)
+    assert_close(step, full[:, -1], ratio=FP32_RATIO, name=f"decode at {S}")
+
+
+def test_bad_inputs():
+    q, k, v = qkv(1, 20, 3, 2, dtype=torch.float32)
+    with pytest.raises(ValueError, match="multiple of KV heads"):
+        sparse_attention(q, k, v, torch.zeros(1, 2, 20, 3, dtype=torch.int32), block_size=16)
+    with pytest.raises(ValueError, match=r"unknown keys \['topk_blocks'\]"):
+        SparseConfig.from_dict({"topk_blocks": 3})
+    with pytest.raises(ValueError, match="window_size"):
+        SparseConfig.from_dict({"window_size": 100})
+
+
+@requires_gpu
+@pytest.mark.parametrize("G", [16, 2])
+def test_gpu_bf16_real_shapes(G):
+    torch.manual_seed(0)
+    Hk, D, T = 1, 128, 4500
+    q = torch.randn(1, T, G * Hk, D, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(1, T, Hk, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    cfg = dict(block_size=64, kernel_size=32, kernel_stride=16, init_blocks=1, local_blocks=8, topk=16)
+    got = select_blocks(q, k, **cfg)
+    ref = select_blocks_reference(q.float(), k.float(), **cfg)
+    same_rows = (got == ref.to(got.dtype)).all(-1).float().mean().item()
+    assert same_rows > 0.995, f"only {same_rows:.4f} of the rows select the same blocks"
+    q32, k32, v32 = (x.float().requires_grad_() for x in (q, k, v))
+    o_ref = sparse_attention_reference(q32, k32, v32, got, block_size=64)
+    do = torch.randn_like(o_ref)
+    (o_ref * do).sum().backward()
+    ours = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    o = sparse_attention(*ours, got, block_size=64)
+    (o.float() * do).sum().backward()
+    assert_close(o, o_ref, ratio=1e-2, name="bf16 o")
+    for name, mine, theirs in zip(("dq", "dk", "dv"), ours, (q32, k32, v32)):
+        assert_close(mine.grad, theirs.grad, ratio=1e-2, name=f"bf16 {name}")
