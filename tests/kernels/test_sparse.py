@@ -162,7 +162,9 @@ def test_gpu_bf16_real_shapes(G):
     k, v = (torch.randn(1, T, Hk, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     cfg = dict(block_size=64, kernel_size=32, kernel_stride=16, init_blocks=1, local_blocks=8, topk=16)
     got = select_blocks(q, k, **cfg)
-    ref = select_blocks_reference(q.float(), k.float(), **cfg)
+    # the reference upcasts internally; given the same bf16 inputs it also rounds the compressed keys to
+    # bf16 as the kernel does, so only the summation order differs (rare flips between near-equal blocks)
+    ref = select_blocks_reference(q, k, **cfg)
     same_rows = (got == ref.to(got.dtype)).all(-1).float().mean().item()
     assert same_rows > 0.995, f"only {same_rows:.4f} of the rows select the same blocks"
     q32, k32, v32 = (x.float().requires_grad_() for x in (q, k, v))
