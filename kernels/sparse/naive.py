@@ -69,10 +69,11 @@ def block_scores_reference(q, k, *, block_size=64, kernel_size=32, kernel_stride
     results = []
     for b, s, e in _sequences(cu_seqlens, B, T):
         L = e - s
-        qn, kn = q[b, s:e].float(), k[b, s:e].float()
-        kc, _ = compress_keys_reference(kn[None], kernel_size, kernel_stride)
-        k2, _ = compress_keys_reference(kn[None], coarse_kernel_size, coarse_stride)
-        kc, k2 = kc[0], k2[0]  # [n, Hk, D]
+        qn = q[b, s:e].float()
+        # compressed keys are stored in the input dtype (bf16 in training), as the kernels keep them
+        kc, _ = compress_keys_reference(k[b:b + 1, s:e], kernel_size, kernel_stride)
+        k2, _ = compress_keys_reference(k[b:b + 1, s:e], coarse_kernel_size, coarse_stride)
+        kc, k2 = kc[0].float(), k2[0].float()  # [n, Hk, D]
         n_c, n_2 = kc.shape[0], k2.shape[0]
         t = torch.arange(L, device=q.device)
         vis_c = (kernel_stride * torch.arange(n_c, device=q.device) + kernel_size - 1)[None, :] <= t[:, None]

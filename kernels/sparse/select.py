@@ -107,26 +107,25 @@ def _select_kernel(q, kc, k2, idx, tok_pos, tok_seq, seq_start, seq_len, seq_c_o
     n_blocks_vis = tl.minimum(last_t // BLOCK + 1, tl.cdiv(s_len, BLOCK))
     rb = tl.arange(0, NBT)
     rw = tl.arange(0, NBT * M)
+    carry = tl.full([BT], float("-inf"), dtype=tl.float32)  # last window of the previous tile's last block
     for b0 in range(0, n_blocks_vis, NBT):
-        # main windows of the tile: M per block, and each block's left neighbour window M*b - 1
+        # the M windows that start inside each block of the tile; a block's score also takes its left
+        # neighbour window M*b - 1, which is the previous block's last window: taken from the same
+        # product (tl.gather, or the carry from the previous tile) so that the two blocks sharing that
+        # window see bit-identical values and break the tie the same way as the reference
         j_main = b0 * M + rw
-        j_left = (b0 + rb) * M - 1
         km = tl.load(kc + ((c_off + j_main)[:, None] * HK + hk) * D + rd[None, :], mask=(j_main < c_cnt)[:, None],
                      other=0.0)
-        kl = tl.load(kc + ((c_off + j_left)[:, None] * HK + hk) * D + rd[None, :],
-                     mask=((j_left >= 0) & (j_left < c_cnt))[:, None], other=0.0)
         s_main = tl.dot(qr, tl.trans(km)) * scale - lse[:, None]
-        s_left = tl.dot(qr, tl.trans(kl)) * scale - lse[:, None]
         vis_main = r_valid[:, None] & (j_main[None, :] < c_cnt) & (j_main[None, :] * STRIDE + W - 1 <= local_t[:, None])
-        vis_left = r_valid[:, None] & (j_left[None, :] >= 0) & (j_left[None, :] < c_cnt) \
-            & (j_left[None, :] * STRIDE + W - 1 <= local_t[:, None])
         p_main = tl.sum(tl.reshape(tl.where(vis_main, tl.exp(s_main), 0.0), [BT, BG, NBT * M]), 1)
-        p_left = tl.sum(tl.reshape(tl.where(vis_left, tl.exp(s_left), 0.0), [BT, BG, NBT]), 1)
         any_main = tl.max(tl.reshape(vis_main.to(tl.int32), [BT, BG, NBT * M]), 1)
-        any_left = tl.max(tl.reshape(vis_left.to(tl.int32), [BT, BG, NBT]), 1)
-        p_main = tl.where(any_main > 0, p_main, float("-inf"))
-        p_left = tl.where(any_left > 0, p_left, float("-inf"))
-        block_score = tl.maximum(tl.max(tl.reshape(p_main, [BT, NBT, M]), 2), p_left)
+        p3 = tl.reshape(tl.where(any_main > 0, p_main, float("-inf")), [BT, NBT, M])
+        last = tl.sum(tl.where((tl.arange(0, M) == M - 1)[None, None, :], p3, 0.0), 2)  # [BT, NBT]
+        shifted = tl.gather(last, tl.broadcast_to(tl.maximum(rb - 1, 0)[None, :], [BT, NBT]), 1)
+        p_left = tl.where(rb[None, :] == 0, carry[:, None], shifted)
+        carry = tl.sum(tl.where(rb[None, :] == NBT - 1, last, 0.0), 1)
+        block_score = tl.maximum(tl.max(p3, 2), p_left)
         blk = b0 + rb
         forced = (blk[None, :] < INIT) | ((blk[None, :] > own[:, None] - LOCAL) & (blk[None, :] <= own[:, None]))
         block_score = tl.where(forced, float("inf"), block_score)

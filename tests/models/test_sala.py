@@ -1,0 +1,282 @@
+"""MiniCPM-SALA behaviour on tiny fp32 CPU configs: cache and decode, chunked prefill, packing, HyPE, generation,
+backends, save/load.
+
+The tiny sparse_config (blocks of 16, window 32, top-2, dense_len 48) puts a 100-token sequence deep into the
+InfLLM-V2 path: rows at and past token 64 select 5 of up to 7 blocks. Rows below dense_len select all of
+their blocks (init block + 2 local blocks cover the first 48 tokens), so a decode step below dense_len (dense)
+and the same row of a longer prefill (sparse) must agree, which is what SALA's dense/sparse switch assumes.
+"""
+
+import json
+
+import pytest
+import torch
+
+from sala_train.models import MiniCPMSALAForCausalLM, SALACache, SALAConfig, SALAForCausalLM
+from sala_train.models.sala import LIGHTNING_BACKENDS, SPARSE_BACKENDS, LightningMixer, SparseMixer
+from sala_train.testing import assert_close, requires_module
+
+# fp32 everywhere; a cached step and the full forward compute the same sums in another order (the recurrent vs
+# the parallel lightning form, SDPA over a cache vs a causal prefill, a padded vs a plain sparse prefill):
+# 1e-5 relative RMS allows that and is far below any real mismatch (a wrong state, mask or position gives 1e-2+).
+CACHE_RATIO = 1e-5
+HYBRID = ["minicpm4", "lightning-attn", "lightning-attn", "minicpm4"]
+
+
+def tiny_sala_config(**overrides) -> SALAConfig:
+    values = dict(
+        vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, lightning_nh=4, lightning_nkv=4, lightning_head_dim=16,
+        mixer_types=HYBRID,
+        sparse_config=dict(kernel_size=8, kernel_stride=4, block_size=16, init_blocks=1, window_size=32, topk=2,
+                           use_nope=False, dense_len=48),
+        max_position_embeddings=256, initializer_range=0.05, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        scale_emb=12.0, scale_depth=1.4, dim_model_base=16,
+        # The plain PyTorch ops: on a CPU the kernels run in Triton's interpreter (tests/conftest.py), which
+        # takes seconds per forward; test_backends_give_the_same_logits compares the two.
+        lightning_backend="torch", sparse_backend="torch",
+    )
+    values.update(overrides)
+    if "num_hidden_layers" in overrides and "mixer_types" not in overrides:
+        values["mixer_types"] = (HYBRID * overrides["num_hidden_layers"])[: overrides["num_hidden_layers"]]
+    return SALAConfig(**values)
+
+
+def tiny_model(seed: int = 0, **overrides) -> SALAForCausalLM:
+    torch.manual_seed(seed)
+    return SALAForCausalLM(tiny_sala_config(**overrides)).eval()
+
+
+@pytest.fixture
+def model():
+    return tiny_model()
+
+
+def decode_token_by_token(model, ids, prefill: int) -> torch.Tensor:
+    cache = model.new_cache()
+    steps = [model(ids[:, :prefill], past_key_values=cache).logits]
+    steps += [model(ids[:, t : t + 1], past_key_values=cache).logits for t in range(prefill, ids.shape[1])]
+    assert cache.get_seq_length() == ids.shape[1]
+    return torch.cat(steps, dim=1)
+
+
+# -- cache ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("prefill,total", [(20, 40), (20, 100), (60, 100), (1, 12)],
+                         ids=["below-dense_len", "across-dense_len", "prefill-above-dense_len", "from-one-token"])
+@torch.no_grad()
+def test_prefill_then_decode_equals_full_forward(model, prefill, total):
+    ids = torch.randint(0, 97, (2, total))
+    full = model(ids).logits
+    assert_close(decode_token_by_token(model, ids, prefill), full, ratio=CACHE_RATIO, name="prefill + decode")
+
+
+@pytest.mark.parametrize("chunk", [7, 30])
+@torch.no_grad()
+def test_chunked_prefill_equals_full_forward(model, chunk):
+    # chunk 30: the second chunk ends past dense_len, so its queries see the cache through the sparse path
+    ids = torch.randint(0, 97, (1, 100))
+    full = model(ids).logits
+    cache = model.new_cache()
+    chunks = [model(ids[:, s : s + chunk], past_key_values=cache).logits for s in range(0, 100, chunk)]
+    assert_close(torch.cat(chunks, dim=1), full, ratio=CACHE_RATIO, name=f"prefill in chunks of {chunk}")
+
+
+@torch.no_grad()
+def test_cache_holds_kv_for_sparse_layers_and_fp32_states_for_lightning_layers(model):
+    ids = torch.randint(0, 97, (3, 30))
+    cache = model.new_cache()
+    model(ids, past_key_values=cache)
+    assert isinstance(cache, SALACache)
+    for i, kind in enumerate(HYBRID):
+        if kind == "minicpm4":
+            assert cache.keys[i].shape[0] == 3 and cache.keys[i].shape[2:] == (2, 16) and cache.states[i] is None
+        else:
+            assert cache.keys[i] is None
+            assert cache.states[i].shape == (3, 4, 16, 16) and cache.states[i].dtype == torch.float32
+    states_before = [s.clone() for s in cache.states if s is not None]
+    model(ids[:, :1], past_key_values=cache)  # the decode step updates the states in place
+    assert all(not torch.equal(a, b) for a, b in zip(states_before, [s for s in cache.states if s is not None]))
+    with pytest.raises(ValueError, match="layer 1 is a 'lightning-attn' layer"):
+        cache.update(1, torch.zeros(3, 1, 2, 16), torch.zeros(3, 1, 2, 16))
+
+
+@torch.no_grad()
+def test_cache_rejects_padding_and_packing(model):
+    ids = torch.randint(0, 97, (2, 8))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with pytest.raises(ValueError, match="does not take padded batches"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=2)
+    with pytest.raises(ValueError, match="cannot fill a cache"):
+        model(ids[:1], position_ids=torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]]), past_key_values=model.new_cache())
+    model(ids, attention_mask=torch.ones_like(ids))  # an all-ones mask is no padding
+
+
+# -- packed sequences ------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def test_packed_documents_equal_separate_runs(model):
+    lengths = [20, 70, 33]  # below, above and below dense_len
+    docs = [torch.randint(0, 97, (1, n)) for n in lengths]
+    packed = torch.cat(docs, dim=1)
+    cu_seqlens = torch.tensor([0, 20, 90, 123])
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    separate = torch.cat([model(d).logits for d in docs], dim=1)
+    assert_close(model(packed, cu_seqlens=cu_seqlens).logits, separate, ratio=CACHE_RATIO, name="cu_seqlens")
+    assert_close(model(packed, position_ids=position_ids).logits, separate, ratio=CACHE_RATIO, name="position_ids")
+    # without boundaries the later documents see the earlier ones (attention and lightning state): must differ
+    assert (model(packed).logits[:, 20:] - separate[:, 20:]).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_packed_rows_of_a_batch(model):
+    rows = torch.randint(0, 97, (2, 60))
+    position_ids = torch.cat([torch.arange(10), torch.arange(50)])[None].repeat(2, 1)
+    packed = model(rows, position_ids=position_ids).logits
+    for r in range(2):
+        expected = torch.cat([model(rows[r : r + 1, :10]).logits, model(rows[r : r + 1, 10:]).logits], dim=1)
+        assert_close(packed[r : r + 1], expected, ratio=CACHE_RATIO, name=f"row {r}")
+
+
+def test_backward_reaches_every_parameter_in_both_mixers():
+    model = tiny_model().train()
+    ids = torch.randint(0, 97, (1, 70))  # above dense_len: the sparse path
+    loss = model(ids, labels=ids, cu_seqlens=torch.tensor([0, 60, 70])).loss
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, missing
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.gradient_checkpointing_enable()
+    model(ids, labels=ids, cu_seqlens=torch.tensor([0, 60, 70])).loss.backward()
+    for name, p in model.named_parameters():
+        assert_close(p.grad, grads[name], ratio=1e-5, name=f"{name} with gradient checkpointing")
+
+
+# -- HyPE -------------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def test_hype_rope_in_lightning_layers_only():
+    ids = torch.randint(0, 97, (1, 40))
+    shifted = torch.arange(7, 47)[None]
+    hybrid = tiny_model()
+    assert [m.use_rope for m in (layer.self_attn for layer in hybrid.model.layers)] == [False, True, True, False]
+    assert set(hybrid.model.rotary_embs) == {16}
+
+    lightning_only = tiny_model(mixer_types=["lightning-attn"] * 4)
+    assert (lightning_only(ids).logits - lightning_only(ids, position_ids=shifted).logits).abs().max() > 1e-4
+
+    sparse_only = tiny_model(mixer_types=["minicpm4"] * 4)  # NoPE, below dense_len: positions are not used
+    assert sparse_only.model.rotary_embs == {}
+    assert torch.equal(sparse_only(ids).logits, sparse_only(ids, position_ids=shifted).logits)
+
+    with_rope = tiny_model(mixer_types=["minicpm4"] * 4, attn_use_rope=True)
+    assert (with_rope(ids).logits - with_rope(ids, position_ids=shifted).logits).abs().max() > 1e-4
+
+
+def test_lightning_decay_is_salas_in_every_layer_and_stays_fp32():
+    model = tiny_model(mixer_types=["lightning-attn"] * 4).to(torch.bfloat16)
+    h = torch.arange(1, 5, dtype=torch.float32)
+    for layer in model.model.layers:
+        assert layer.self_attn.decay.dtype == torch.float32
+        torch.testing.assert_close(layer.self_attn.decay, -(2.0 ** (-8 * h / 4)), rtol=0, atol=0)
+    gamma = LightningMixer(SALAConfig(), 1).decay.exp()  # H = 32: SPEC 2.2
+    assert gamma[0].item() == pytest.approx(0.4313, abs=1e-4) and gamma[-1].item() == pytest.approx(0.9961, abs=1e-4)
+
+
+# -- generation -------------------------------------------------------------------------------------------------
+
+def test_greedy_generate_equals_argmax_loop_without_cache(model):
+    prompt = torch.randint(0, 97, (1, 30))
+    out = model.generate(prompt, max_new_tokens=30, eos_token_id=[])  # decodes past dense_len
+    ids = prompt
+    with torch.no_grad():
+        for _ in range(30):
+            ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, ids)
+
+
+def test_batched_and_chunked_generation(model):
+    prompts = torch.randint(0, 97, (2, 50))
+    batched = model.generate(prompts, max_new_tokens=6, eos_token_id=[])
+    for r in range(2):
+        assert torch.equal(batched[r], model.generate(prompts[r : r + 1], max_new_tokens=6, eos_token_id=[])[0])
+    chunked = model.generate(prompts, max_new_tokens=6, eos_token_id=[], prefill_chunk_size=16)
+    assert torch.equal(chunked, batched)
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    s1 = model.generate(prompts, max_new_tokens=6, do_sample=True, top_p=0.9, generator=g1, eos_token_id=[])
+    s2 = model.generate(prompts, max_new_tokens=6, do_sample=True, top_p=0.9, generator=g2, eos_token_id=[])
+    assert torch.equal(s1, s2)
+
+
+# -- backends ---------------------------------------------------------------------------------------------------
+
+def test_backend_registries_and_errors(model):
+    assert {"torch", "triton", "fla"} <= set(LIGHTNING_BACKENDS) and {"torch", "triton"} <= set(SPARSE_BACKENDS)
+    with pytest.raises(ValueError, match="lightning_backend = 'cuda' is not available here"):
+        model.set_backends(lightning="cuda")
+    model.set_backends(lightning="triton", sparse="auto")
+    mixers = [layer.self_attn for layer in model.model.layers]
+    assert all(m.ops is LIGHTNING_BACKENDS["triton"] for m in mixers if isinstance(m, LightningMixer))
+    assert all(m.ops is SPARSE_BACKENDS["triton"] for m in mixers if isinstance(m, SparseMixer))
+    assert model.config.lightning_backend == "triton"
+
+
+@pytest.mark.parametrize("which", ["lightning", "sparse"])
+@torch.no_grad()
+def test_backends_give_the_same_logits(which):
+    # "triton": the kernels' public ops, here in Triton's interpreter on CPU tensors.
+    # Lightning: full forward and decode; sparse (above dense_len): full forward.
+    torch_model = tiny_model()
+    kernel_model = tiny_model(**{f"{which}_backend": "triton"})
+    ids = torch.randint(0, 97, (1, 64))
+    expected = torch_model(ids).logits
+    assert_close(kernel_model(ids).logits, expected, ratio=CACHE_RATIO, name=f"{which}: triton vs torch")
+    if which == "lightning":
+        assert_close(decode_token_by_token(kernel_model, ids[:, :24], prefill=16), expected[:, :24],
+                     ratio=CACHE_RATIO, name="lightning decode: triton vs torch")
+
+
+@requires_module("fla")
+@torch.no_grad()
+def test_fla_backend_gives_the_same_logits():
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ids = torch.randint(0, 97, (1, 64), device=device)
+    expected = tiny_model().to(device)(ids).logits
+    actual = tiny_model(lightning_backend="fla").to(device)(ids).logits
+    assert_close(actual, expected, ratio=1e-4, name="fla vs torch")
+
+
+# -- save / load --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_save_load_round_trip_is_bit_exact(tmp_path, dtype):
+    model = tiny_model(tie_word_embeddings=dtype == torch.bfloat16).to(dtype)
+    model.save_pretrained(tmp_path / "ckpt", max_shard_size=40_000)
+    files = {p.name for p in (tmp_path / "ckpt").iterdir()}
+    assert "model.safetensors.index.json" in files and "model-00002-of-" in " ".join(files)
+    assert {"configuration_minicpm_sala.py", "modeling_minicpm_sala.py", "generation_config.json"} <= files
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert config["model_type"] == "minicpm_sala" and config["architectures"] == ["MiniCPMSALAForCausalLM"]
+    assert config["auto_map"] == {"AutoConfig": "configuration_minicpm_sala.MiniCPMSALAConfig",
+                                  "AutoModelForCausalLM": "modeling_minicpm_sala.MiniCPMSALAForCausalLM"}
+    assert config["mixer_types"] == HYBRID and config["sparse_config"]["dense_len"] == 48
+
+    loaded = MiniCPMSALAForCausalLM.from_pretrained(tmp_path / "ckpt")
+    assert loaded.dtype == dtype and loaded.config.mixer_types == HYBRID
+    ours, theirs = model.state_dict(), loaded.state_dict()
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert torch.equal(ours[name], theirs[name]), name
+    ids = torch.randint(0, 97, (1, 60))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+
+
+def test_auto_classes_resolve_minicpm_sala(tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tiny_model().save_pretrained(tmp_path / "ckpt")
+    assert type(AutoConfig.from_pretrained(tmp_path / "ckpt")) is SALAConfig
+    assert type(AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")) is SALAForCausalLM
