@@ -1,13 +1,16 @@
 """Block-sparse attention in Triton: each query attends exactly to the keys of its selected blocks.
 
-Selections are per token (``block_indices`` [H_kv, TT, S], ascending, -1 = empty), shared by the G query
-heads of a KV group, so one program serves a token and all G heads at once: each K/V block is loaded
-once per group.
+Selections are per token (``block_indices`` [H_kv, TT, S], ascending, -1 = empty) and shared by the G query
+heads of a KV group. Consecutive tokens select mostly the same blocks (the local window, similar top-k),
+so the kernels work on query tiles: BQ consecutive tokens of one sequence x G heads = BQ*G rows. For each
+tile the host builds the union of its tokens' blocks and, per union entry, a bit mask of the tokens that
+chose it; each K/V block of the union is then loaded once for the whole tile and rows that did not
+choose it are masked out.
 
-forward   one program per (token, KV head): online softmax over the token's blocks -> o, lse
-backward  dq: one program per (token, KV head), the forward loop again with the saved lse
-          dk, dv: one program per (key block, KV head) over the tokens that selected the block (an
-          inverted index built with a sort, linear in T), so no atomics and no T x T tensor
+forward   one program per (query tile, KV head): online softmax over the tile's union -> o, lse
+backward  dq: one program per (query tile, KV head), the forward loop with the saved lse
+          dk, dv: one program per (key block, KV head) over the tiles whose union holds the block (an
+          inverted index built with a sort, linear in T): no atomics, no T x T tensor
 """
 
 from __future__ import annotations
@@ -18,79 +21,98 @@ import triton.language as tl
 
 
 @triton.jit
-def _sparse_fwd_kernel(q, k, v, o, lse, idx, tok_seq_start, scale, TT,
+def _tile_rows(q_tile_start, q_tile_len, hk, G: tl.constexpr, BG: tl.constexpr, BQ: tl.constexpr):
+    """Row r of a tile = token r // BG of the tile, query head hk * G + r % BG."""
+    rows = tl.arange(0, BQ * BG)
+    slot = rows // BG
+    head = hk * G + rows % BG
+    valid = (slot < q_tile_len) & (rows % BG < G)
+    tok = q_tile_start + slot
+    return slot, head, valid, tok
+
+
+@triton.jit
+def _sparse_fwd_kernel(q, k, v, o, lse, union, member, tile_start, tile_len, tile_seq_start, scale, NT, U,
                        HQ: tl.constexpr, HK: tl.constexpr, G: tl.constexpr, BG: tl.constexpr, D: tl.constexpr,
-                       BS: tl.constexpr, S: tl.constexpr):
-    t = tl.program_id(0).to(tl.int64)
+                       BS: tl.constexpr, BQ: tl.constexpr):
+    tile = tl.program_id(0)
     hk = tl.program_id(1)
-    start = tl.load(tok_seq_start + t).to(tl.int64)
-    rg = tl.arange(0, BG)
+    t0 = tl.load(tile_start + tile).to(tl.int64)
+    n_tok = tl.load(tile_len + tile)
+    start = tl.load(tile_seq_start + tile).to(tl.int64)
+    slot, head, valid, tok = _tile_rows(t0, n_tok, hk, G, BG, BQ)
     rd = tl.arange(0, D)
     rs = tl.arange(0, BS)
-    heads = hk * G + rg
-    gmask = rg < G
-    qt = tl.load(q + (t * HQ + heads[:, None]) * D + rd[None, :], mask=gmask[:, None], other=0.0)
-    m = tl.full([BG], float("-inf"), dtype=tl.float32)
-    acc_l = tl.zeros([BG], dtype=tl.float32)
-    acc = tl.zeros([BG, D], dtype=tl.float32)
-    for s in range(S):
-        blk = tl.load(idx + (hk * TT + t) * S + s)
+    rows = (tok[:, None] * HQ + head[:, None]) * D + rd[None, :]
+    qt = tl.load(q + rows, mask=valid[:, None], other=0.0)
+    m = tl.full([BQ * BG], float("-inf"), dtype=tl.float32)
+    acc_l = tl.zeros([BQ * BG], dtype=tl.float32)
+    acc = tl.zeros([BQ * BG, D], dtype=tl.float32)
+    base = (hk * NT + tile).to(tl.int64) * U
+    for u in range(U):
+        blk = tl.load(union + base + u)
         if blk >= 0:
+            chose = (tl.load(member + base + u) >> slot) & 1
             kpos = start + blk.to(tl.int64) * BS + rs
-            kmask = kpos <= t
-            kb = tl.load(k + (kpos[:, None] * HK + hk) * D + rd[None, :], mask=kmask[:, None], other=0.0)
-            vb = tl.load(v + (kpos[:, None] * HK + hk) * D + rd[None, :], mask=kmask[:, None], other=0.0)
-            scores = tl.dot(qt, tl.trans(kb)) * scale
-            scores = tl.where(kmask[None, :], scores, float("-inf"))
+            kb = tl.load(k + (kpos[:, None] * HK + hk) * D + rd[None, :], mask=(kpos <= t0 + n_tok - 1)[:, None],
+                         other=0.0)
+            vb = tl.load(v + (kpos[:, None] * HK + hk) * D + rd[None, :], mask=(kpos <= t0 + n_tok - 1)[:, None],
+                         other=0.0)
+            visible = (valid & (chose == 1))[:, None] & (kpos[None, :] <= tok[:, None])
+            scores = tl.where(visible, tl.dot(qt, tl.trans(kb)) * scale, float("-inf"))
             m_new = tl.maximum(m, tl.max(scores, 1))
-            p = tl.exp(scores - m_new[:, None])
-            alpha = tl.exp(m - m_new)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp(scores - m_safe[:, None])
+            alpha = tl.exp(m - m_safe)
             acc_l = acc_l * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb)
             m = m_new
-    out = acc / acc_l[:, None]
-    tl.store(o + (t * HQ + heads[:, None]) * D + rd[None, :], out.to(o.dtype.element_ty), mask=gmask[:, None])
-    tl.store(lse + t * HQ + heads, m + tl.log(acc_l), mask=gmask)
+    out = acc / tl.where(acc_l > 0, acc_l, 1.0)[:, None]
+    tl.store(o + rows, out.to(o.dtype.element_ty), mask=valid[:, None])
+    tl.store(lse + tok * HQ + head, m + tl.log(tl.where(acc_l > 0, acc_l, 1.0)), mask=valid)
 
 
 @triton.jit
-def _sparse_dq_kernel(q, k, v, do, lse, delta, dq, idx, tok_seq_start, scale, TT,
+def _sparse_dq_kernel(q, k, v, do, lse, delta, dq, union, member, tile_start, tile_len, tile_seq_start, scale, NT, U,
                       HQ: tl.constexpr, HK: tl.constexpr, G: tl.constexpr, BG: tl.constexpr, D: tl.constexpr,
-                      BS: tl.constexpr, S: tl.constexpr):
-    t = tl.program_id(0).to(tl.int64)
+                      BS: tl.constexpr, BQ: tl.constexpr):
+    tile = tl.program_id(0)
     hk = tl.program_id(1)
-    start = tl.load(tok_seq_start + t).to(tl.int64)
-    rg = tl.arange(0, BG)
+    t0 = tl.load(tile_start + tile).to(tl.int64)
+    n_tok = tl.load(tile_len + tile)
+    start = tl.load(tile_seq_start + tile).to(tl.int64)
+    slot, head, valid, tok = _tile_rows(t0, n_tok, hk, G, BG, BQ)
     rd = tl.arange(0, D)
     rs = tl.arange(0, BS)
-    heads = hk * G + rg
-    gmask = rg < G
-    rows = (t * HQ + heads[:, None]) * D + rd[None, :]
-    qt = tl.load(q + rows, mask=gmask[:, None], other=0.0)
-    dot_ = tl.load(do + rows, mask=gmask[:, None], other=0.0)
-    lse_t = tl.load(lse + t * HQ + heads, mask=gmask, other=0.0)
-    delta_t = tl.load(delta + t * HQ + heads, mask=gmask, other=0.0)
-    acc = tl.zeros([BG, D], dtype=tl.float32)
-    for s in range(S):
-        blk = tl.load(idx + (hk * TT + t) * S + s)
+    rows = (tok[:, None] * HQ + head[:, None]) * D + rd[None, :]
+    qt = tl.load(q + rows, mask=valid[:, None], other=0.0)
+    dot_ = tl.load(do + rows, mask=valid[:, None], other=0.0)
+    lse_t = tl.load(lse + tok * HQ + head, mask=valid, other=0.0)
+    delta_t = tl.load(delta + tok * HQ + head, mask=valid, other=0.0)
+    acc = tl.zeros([BQ * BG, D], dtype=tl.float32)
+    base = (hk * NT + tile).to(tl.int64) * U
+    for u in range(U):
+        blk = tl.load(union + base + u)
         if blk >= 0:
+            chose = (tl.load(member + base + u) >> slot) & 1
             kpos = start + blk.to(tl.int64) * BS + rs
-            kmask = kpos <= t
-            kb = tl.load(k + (kpos[:, None] * HK + hk) * D + rd[None, :], mask=kmask[:, None], other=0.0)
-            vb = tl.load(v + (kpos[:, None] * HK + hk) * D + rd[None, :], mask=kmask[:, None], other=0.0)
-            scores = tl.dot(qt, tl.trans(kb)) * scale
-            p = tl.where(kmask[None, :], tl.exp(scores - lse_t[:, None]), 0.0)
+            in_range = (kpos <= t0 + n_tok - 1)[:, None]
+            kb = tl.load(k + (kpos[:, None] * HK + hk) * D + rd[None, :], mask=in_range, other=0.0)
+            vb = tl.load(v + (kpos[:, None] * HK + hk) * D + rd[None, :], mask=in_range, other=0.0)
+            visible = (valid & (chose == 1))[:, None] & (kpos[None, :] <= tok[:, None])
+            p = tl.where(visible, tl.exp(tl.dot(qt, tl.trans(kb)) * scale - lse_t[:, None]), 0.0)
             dp = tl.dot(dot_, tl.trans(vb))
             ds = p * (dp - delta_t[:, None])
             acc += tl.dot(ds.to(kb.dtype), kb)
-    tl.store(dq + rows, (acc * scale).to(dq.dtype.element_ty), mask=gmask[:, None])
+    tl.store(dq + rows, (acc * scale).to(dq.dtype.element_ty), mask=valid[:, None])
 
 
 @triton.jit
-def _sparse_dkv_kernel(q, k, v, do, lse, delta, dk, dv, blk_key_start, blk_key_len, csr_offsets, csr_tokens, scale,
-                       NB, HQ: tl.constexpr, HK: tl.constexpr, G: tl.constexpr, BG: tl.constexpr, D: tl.constexpr,
+def _sparse_dkv_kernel(q, k, v, do, lse, delta, dk, dv, blk_key_start, blk_key_len, csr_offsets, csr_tile,
+                       csr_member, tile_start, tile_len, scale, NB,
+                       HQ: tl.constexpr, HK: tl.constexpr, G: tl.constexpr, BG: tl.constexpr, D: tl.constexpr,
                        BS: tl.constexpr, BQ: tl.constexpr):
-    """One key block of one KV head; rows = BQ tokens x BG heads of the tokens that selected the block."""
+    """One key block of one KV head, over the query tiles whose union holds it."""
     gb = tl.program_id(0)
     hk = tl.program_id(1)
     kstart = tl.load(blk_key_start + gb).to(tl.int64)
@@ -106,20 +128,20 @@ def _sparse_dkv_kernel(q, k, v, do, lse, delta, dk, dv, blk_key_start, blk_key_l
     dv_acc = tl.zeros([BS, D], dtype=tl.float32)
     lo = tl.load(csr_offsets + hk * NB + gb)
     hi = tl.load(csr_offsets + hk * NB + gb + 1)
-    rr = tl.arange(0, BQ * BG)
-    slot = rr // BG
-    head = hk * G + rr % BG
-    for i0 in range(lo, hi, BQ):
-        tvalid = (i0 + slot < hi) & (rr % BG < G)
-        tok = tl.load(csr_tokens + i0 + slot, mask=tvalid, other=0).to(tl.int64)
+    for i in range(lo, hi):
+        tile = tl.load(csr_tile + i)
+        bits = tl.load(csr_member + i)
+        t0 = tl.load(tile_start + tile).to(tl.int64)
+        n_tok = tl.load(tile_len + tile)
+        slot, head, valid, tok = _tile_rows(t0, n_tok, hk, G, BG, BQ)
+        valid = valid & (((bits >> slot) & 1) == 1)
         rows = (tok[:, None] * HQ + head[:, None]) * D + rd[None, :]
-        qr = tl.load(q + rows, mask=tvalid[:, None], other=0.0)
-        dor = tl.load(do + rows, mask=tvalid[:, None], other=0.0)
-        lse_r = tl.load(lse + tok * HQ + head, mask=tvalid, other=0.0)
-        delta_r = tl.load(delta + tok * HQ + head, mask=tvalid, other=0.0)
-        visible = tvalid[:, None] & kvalid[None, :] & (kpos[None, :] <= tok[:, None])
-        scores = tl.dot(qr, tl.trans(kb)) * scale
-        p = tl.where(visible, tl.exp(scores - lse_r[:, None]), 0.0)
+        qr = tl.load(q + rows, mask=valid[:, None], other=0.0)
+        dor = tl.load(do + rows, mask=valid[:, None], other=0.0)
+        lse_r = tl.load(lse + tok * HQ + head, mask=valid, other=0.0)
+        delta_r = tl.load(delta + tok * HQ + head, mask=valid, other=0.0)
+        visible = valid[:, None] & kvalid[None, :] & (kpos[None, :] <= tok[:, None])
+        p = tl.where(visible, tl.exp(tl.dot(qr, tl.trans(kb)) * scale - lse_r[:, None]), 0.0)
         dv_acc += tl.dot(tl.trans(p.to(dor.dtype)), dor)
         dp = tl.dot(dor, tl.trans(vb))
         ds = p * (dp - delta_r[:, None])
@@ -131,46 +153,79 @@ def _sparse_dkv_kernel(q, k, v, do, lse, delta, dk, dv, blk_key_start, blk_key_l
 # -- host side --------------------------------------------------------------------------------------
 
 class SparseLayout:
-    """Per-token sequence starts and the global numbering of key blocks (blocks never cross sequences)."""
+    """Query tiles (BQ consecutive tokens of one sequence), the union of their tokens' blocks with a bit
+    mask of the choosing tokens, and the global numbering of key blocks (never across sequences)."""
 
-    def __init__(self, seq_bounds: list[int], block_size: int, device):
-        starts, block_start, block_len, block_offset = [], [], [], []
+    def __init__(self, idx: torch.Tensor, seq_bounds: list[int], block_size: int, BQ: int):
+        device = idx.device
+        Hk, TT, S = idx.shape
+        tile_start, tile_len, tile_seq_start, block_start, block_len, block_offset = [], [], [], [], [], []
         for s, e in zip(seq_bounds[:-1], seq_bounds[1:]):
             block_offset.append(len(block_start))
-            starts.append(torch.full((e - s,), s, dtype=torch.int32))
+            for t in range(s, e, BQ):
+                tile_start.append(t)
+                tile_len.append(min(BQ, e - t))
+                tile_seq_start.append(s)
             for b0 in range(s, e, block_size):
                 block_start.append(b0)
                 block_len.append(min(block_size, e - b0))
-        self.num_blocks = len(block_start)
-        self.tok_seq_start = torch.cat(starts).to(device) if starts else torch.zeros(0, dtype=torch.int32, device=device)
-        self.blk_key_start = torch.tensor(block_start or [0], dtype=torch.int32, device=device)
-        self.blk_key_len = torch.tensor(block_len or [0], dtype=torch.int32, device=device)
-        lengths = [e - s for s, e in zip(seq_bounds[:-1], seq_bounds[1:])]
-        self.tok_block_offset = torch.repeat_interleave(
-            torch.tensor(block_offset, dtype=torch.int64), torch.tensor(lengths, dtype=torch.int64)).to(device)
+        as_i32 = lambda x: torch.tensor(x or [0], dtype=torch.int32, device=device)  # noqa: E731
+        self.num_tiles, self.num_blocks = len(tile_start), len(block_start)
+        self.tile_start, self.tile_len, self.tile_seq_start = as_i32(tile_start), as_i32(tile_len), as_i32(tile_seq_start)
+        self.blk_key_start, self.blk_key_len = as_i32(block_start), as_i32(block_len)
+        # per tile: [Hk, NT, BQ * S] block ids (-1 empty) and the token slot each came from
+        NT = self.num_tiles
+        tile_of_token = torch.repeat_interleave(torch.arange(NT, device=device),
+                                                torch.tensor(tile_len, device=device)) if NT else None
+        slot_of_token = torch.arange(TT, device=device) - torch.tensor(tile_start, device=device)[tile_of_token] if NT else None
+        seq_lengths = [e - s for s, e in zip(seq_bounds[:-1], seq_bounds[1:])]
+        self.tok_block_offset = torch.repeat_interleave(torch.tensor(block_offset, dtype=torch.int64, device=device),
+                                                        torch.tensor(seq_lengths, device=device)) if NT else None
+        grid = torch.full((Hk, NT, BQ, S), -1, dtype=torch.int64, device=device)
+        if NT:
+            grid[:, tile_of_token, slot_of_token] = idx.long()
+        flat = grid.reshape(Hk, NT, BQ * S)
+        bit = (torch.ones((), dtype=torch.int64, device=device) << torch.arange(BQ, device=device)).repeat_interleave(S)
+        # union: sort the tile's ids, keep the first of each run, OR the token bits of the run
+        order = flat.sort(dim=-1, stable=True)
+        ids = order.values
+        bits = bit[order.indices]
+        new_run = torch.ones_like(ids, dtype=torch.bool)
+        new_run[..., 1:] = ids[..., 1:] != ids[..., :-1]
+        new_run &= ids >= 0
+        run_id = new_run.long().cumsum(-1) - 1  # index of the run each entry belongs to
+        U = max(int(new_run.sum(-1).max()) if NT else 0, 1)
+        self.U = U
+        union = torch.full((Hk, NT, U), -1, dtype=torch.int64, device=device)
+        member = torch.zeros((Hk, NT, U), dtype=torch.int64, device=device)
+        keep = ids >= 0
+        h_i, t_i, _ = torch.nonzero(keep, as_tuple=True)
+        r_i = run_id[keep]
+        union[h_i, t_i, r_i] = ids[keep]
+        member.index_put_((h_i, t_i, r_i), bits[keep], accumulate=True)  # distinct tokens: sum == OR
+        self.union = union.to(torch.int32).contiguous()
+        self.member = member.to(torch.int32).contiguous()
 
-
-def inverted_index(idx: torch.Tensor, layout: SparseLayout) -> tuple[torch.Tensor, torch.Tensor]:
-    """idx [H_kv, TT, S] -> CSR (offsets [H_kv * NB + 1], tokens) listing, for every (KV head, key block),
-    the tokens that selected it, in ascending token order. O(H_kv * TT * S) memory."""
-    Hk, TT, S = idx.shape
-    NB = layout.num_blocks
-    valid = idx >= 0
-    global_block = idx.long() + layout.tok_block_offset[None, :, None] + NB * torch.arange(Hk, device=idx.device)[:, None, None]
-    keys = global_block[valid]
-    tokens = torch.arange(TT, device=idx.device)[None, :, None].expand(Hk, TT, S)[valid]
-    order = torch.argsort(keys, stable=True)
-    counts = torch.bincount(keys, minlength=Hk * NB)
-    offsets = torch.zeros(Hk * NB + 1, dtype=torch.int32, device=idx.device)
-    offsets[1:] = counts.cumsum(0)
-    return offsets, tokens[order].to(torch.int32).contiguous()
+    def inverted_index(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For every (KV head, key block): the tiles whose union holds it and their token bits (CSR)."""
+        Hk, NT, U = self.union.shape
+        NB = self.num_blocks
+        valid = self.union >= 0
+        tile_ids = torch.arange(NT, device=self.union.device)[None, :, None].expand(Hk, NT, U)
+        seq_offset = self.tok_block_offset[self.tile_start.long()][None, :, None]
+        keys = (self.union.long() + seq_offset + NB * torch.arange(Hk, device=self.union.device)[:, None, None])[valid]
+        order = torch.argsort(keys, stable=True)
+        counts = torch.bincount(keys, minlength=Hk * NB)
+        offsets = torch.zeros(Hk * NB + 1, dtype=torch.int32, device=self.union.device)
+        offsets[1:] = counts.cumsum(0)
+        return offsets, tile_ids[valid][order].to(torch.int32).contiguous(), self.member[valid][order].contiguous()
 
 
 def _config(G: int, D: int) -> dict:
-    BG = max(16, triton.next_power_of_2(G))
-    dkv_BG = triton.next_power_of_2(G)
-    return {"BG": BG, "dkv_BG": dkv_BG, "BQ": max(1, 64 // dkv_BG) if dkv_BG < 64 else 1,
-            "warps": 4 if D <= 64 else 8}
+    BG = triton.next_power_of_2(G)
+    # 64 rows per tile (tl.dot needs >= 16), at most 32 tokens (one bit each in an int32 mask)
+    BQ = min(32, max(1, 64 // BG))
+    return {"BG": BG, "BQ": BQ, "warps": 4 if D <= 64 else 8}
 
 
 class SparseAttentionFunction(torch.autograd.Function):
@@ -179,37 +234,38 @@ class SparseAttentionFunction(torch.autograd.Function):
         TT, Hq, D = q.shape
         Hk = k.shape[1]
         G = Hq // Hk
-        S = idx.shape[-1]
         cfg = _config(G, D)
-        layout = SparseLayout(seq_bounds, block_size, q.device)
+        layout = SparseLayout(idx, seq_bounds, block_size, cfg["BQ"])
         o = torch.empty_like(q)
         lse = torch.empty(TT, Hq, dtype=torch.float32, device=q.device)
-        if TT:
-            _sparse_fwd_kernel[(TT, Hk)](q, k, v, o, lse, idx, layout.tok_seq_start, scale, TT, HQ=Hq, HK=Hk, G=G,
-                                         BG=cfg["BG"], D=D, BS=block_size, S=S, num_warps=cfg["warps"])
-        ctx.save_for_backward(q, k, v, o, lse, idx)
+        if layout.num_tiles:
+            _sparse_fwd_kernel[(layout.num_tiles, Hk)](
+                q, k, v, o, lse, layout.union, layout.member, layout.tile_start, layout.tile_len,
+                layout.tile_seq_start, scale, layout.num_tiles, layout.U, HQ=Hq, HK=Hk, G=G, BG=cfg["BG"], D=D,
+                BS=block_size, BQ=cfg["BQ"], num_warps=cfg["warps"])
+        ctx.save_for_backward(q, k, v, o, lse)
         ctx.layout, ctx.block_size, ctx.scale, ctx.cfg = layout, block_size, scale, cfg
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, idx = ctx.saved_tensors
+        q, k, v, o, lse = ctx.saved_tensors
         layout, block_size, scale, cfg = ctx.layout, ctx.block_size, ctx.scale, ctx.cfg
         TT, Hq, D = q.shape
         Hk = k.shape[1]
         G = Hq // Hk
-        S = idx.shape[-1]
         do = do.contiguous()
         delta = (o.float() * do.float()).sum(-1)  # [TT, Hq]
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        if TT:
-            _sparse_dq_kernel[(TT, Hk)](q, k, v, do, lse, delta, dq, idx, layout.tok_seq_start, scale, TT, HQ=Hq,
-                                        HK=Hk, G=G, BG=cfg["BG"], D=D, BS=block_size, S=S, num_warps=cfg["warps"])
-            offsets, tokens = inverted_index(idx, layout)
+        if layout.num_tiles:
+            common = dict(HQ=Hq, HK=Hk, G=G, BG=cfg["BG"], D=D, BS=block_size, BQ=cfg["BQ"], num_warps=cfg["warps"])
+            _sparse_dq_kernel[(layout.num_tiles, Hk)](
+                q, k, v, do, lse, delta, dq, layout.union, layout.member, layout.tile_start, layout.tile_len,
+                layout.tile_seq_start, scale, layout.num_tiles, layout.U, **common)
+            offsets, tiles, members = layout.inverted_index()
             _sparse_dkv_kernel[(layout.num_blocks, Hk)](
-                q, k, v, do, lse, delta, dk, dv, layout.blk_key_start, layout.blk_key_len, offsets, tokens, scale,
-                layout.num_blocks, HQ=Hq, HK=Hk, G=G, BG=cfg["dkv_BG"], D=D, BS=block_size, BQ=cfg["BQ"],
-                num_warps=cfg["warps"])
+                q, k, v, do, lse, delta, dk, dv, layout.blk_key_start, layout.blk_key_len, offsets, tiles, members,
+                layout.tile_start, layout.tile_len, scale, layout.num_blocks, **common)
         return dq, dk, dv, None, None, None, None
 
 
