@@ -183,7 +183,9 @@ def main():
         sizes = [(4096, 64), (65536, 4)]
     if args.sweep:
         sweep = {}
-        for override in ({}, {"BV": 128}, {"BV": 32}, {"warps_fwd": 8}, {"C": 128}, {"stages": 1}, {"stages": 3},
+        # BV 128 with 8 warps: one program per (block, head) reads q and k once instead of once per V tile
+        for override in ({}, {"BV": 128, "warps_fwd": 8}, {"BV": 128, "warps_fwd": 8, "stages_fwd": 2},
+                         {"C": 32}, {"C": 32, "BV": 128, "warps_fwd": 8}, {"stages_bwd": 1}, {"stages_bwd": 3},
                          {"warps_bwd": 4}):
             chunk_module.KERNEL_OVERRIDES.clear()
             chunk_module.KERNEL_OVERRIDES.update(override)

@@ -27,10 +27,10 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
-def _block_state_kernel(k, v, g, blk_start, blk_len, states,
+def _block_state_kernel(k, v, g, blk_ids, blk_start, blk_len, states,
                         H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
                         PRECISION: tl.constexpr):
-    b = tl.program_id(0)
+    b = tl.load(blk_ids + tl.program_id(0))
     h = tl.program_id(1)
     iv = tl.program_id(2)
     start = tl.load(blk_start + b).to(tl.int64)
@@ -80,6 +80,8 @@ def _scan_kernel(states, g, blk_len, seq_first_blk, init, final,
         else:
             b = first + i
         ptr = states + (b.to(tl.int64) * H + h) * (K * V) + tile
+        # (the contribution of a sequence's last block, forward, or first block, reverse, is never written
+        # unless the final / initial state is wanted: then the S it produces is not stored either)
         contribution = tl.load(ptr)
         tl.store(ptr, S)
         S = S * tl.exp(gh * tl.load(blk_len + b).to(tl.float32)) + contribution
@@ -125,10 +127,10 @@ def _output_kernel(q, k, v, o, states, g, blk_start, blk_len, scale,
 
 
 @triton.jit
-def _block_dstate_kernel(q, do, g, blk_start, blk_len, dstates, scale,
+def _block_dstate_kernel(q, do, g, blk_ids, blk_start, blk_len, dstates, scale,
                          H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
                          PRECISION: tl.constexpr):
-    b = tl.program_id(0)
+    b = tl.load(blk_ids + tl.program_id(0))
     h = tl.program_id(1)
     iv = tl.program_id(2)
     start = tl.load(blk_start + b).to(tl.int64)
@@ -246,6 +248,17 @@ class BlockTable:
         self.num_seqs = len(seq_bounds) - 1
         as_tensor = lambda x: torch.tensor(x, dtype=torch.int32, device=device)  # noqa: E731
         self.start, self.length, self.seq_first = as_tensor(starts or [0]), as_tensor(lengths or [0]), as_tensor(first)
+        # A block's own state contribution only matters when a later block (or the final state) uses it;
+        # its pull on the state before it only when an earlier block (or the initial state) receives it.
+        last_of_seq = set(b - 1 for b in first[1:] if b > 0)
+        first_of_seq = set(first[:-1])
+        self.all_ids = list(range(self.num_blocks))
+        self.not_last = [b for b in self.all_ids if b not in last_of_seq]
+        self.not_first = [b for b in self.all_ids if b not in first_of_seq]
+        self.device = device
+
+    def ids(self, blocks: list[int]) -> torch.Tensor:
+        return torch.tensor(blocks or [0], dtype=torch.int32, device=self.device)
 
 
 def choose_block_len(total_tokens: int, num_heads: int, chunk: int, target_programs: int = 2048) -> int:
@@ -290,9 +303,11 @@ class LightningAttentionFunction(torch.autograd.Function):
         states = torch.empty(max(table.num_blocks, 1), H, D, D, dtype=torch.float32, device=q.device)
         final = torch.empty(N, H, D, D, dtype=torch.float32, device=q.device) if output_final_state else None
         o = torch.empty_like(v)
-        if table.num_blocks:
-            grid = (table.num_blocks, H, triton.cdiv(D, BV))
-            _block_state_kernel[grid](k, v, g, table.start, table.length, states, H=H, K=D, V=D, C=C, BV=BV,
+        state_blocks = table.all_ids if output_final_state else table.not_last
+        if state_blocks:
+            grid = (len(state_blocks), H, triton.cdiv(D, BV))
+            _block_state_kernel[grid](k, v, g, table.ids(state_blocks), table.start, table.length, states, H=H, K=D,
+                                      V=D, C=C, BV=BV,
                                       PRECISION=cfg["PRECISION"], num_warps=cfg["warps_fwd"], num_stages=cfg["stages_fwd"])
         _scan_kernel[(N, H, triton.cdiv(D, BV))](
             states, g, table.length, table.seq_first, initial_state, final, H=H, K=D, V=D, BV=BV,
@@ -318,9 +333,10 @@ class LightningAttentionFunction(torch.autograd.Function):
         dinit = torch.empty(N, H, D, D, dtype=torch.float32, device=q.device) if ctx.has_initial_state else None
         if dfinal is not None:
             dfinal = dfinal.float().contiguous()
-        if table.num_blocks:
-            _block_dstate_kernel[(table.num_blocks, H, triton.cdiv(D, BV))](
-                q, do, g, table.start, table.length, dstates, scale, H=H, K=D, V=D, C=C, BV=BV,
+        pull_blocks = table.all_ids if ctx.has_initial_state else table.not_first
+        if pull_blocks:
+            _block_dstate_kernel[(len(pull_blocks), H, triton.cdiv(D, BV))](
+                q, do, g, table.ids(pull_blocks), table.start, table.length, dstates, scale, H=H, K=D, V=D, C=C, BV=BV,
                 PRECISION=cfg["PRECISION"], num_warps=cfg["warps_fwd"], num_stages=cfg["stages_fwd"])
         _scan_kernel[(N, H, triton.cdiv(D, BV))](
             dstates, g, table.length, table.seq_first, dfinal, dinit, H=H, K=D, V=D, BV=BV,

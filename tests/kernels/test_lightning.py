@@ -38,7 +38,7 @@ def run_and_grad(fn, q, k, v, s0, do, dfinal):
     return o, final, [x.grad for x in inputs] + ([s.grad] if s is not None else [])
 
 
-def compare(case, cu_seqlens=None, use_initial=True, block_len=None, D=16, H=4, B=2, T=65):
+def compare(case, cu_seqlens=None, use_initial=True, block_len=None, D=16, H=4, B=2, T=65, want_final=True):
     torch.manual_seed(hash(case) % 2**31)
     N = B if cu_seqlens is None else len(cu_seqlens) - 1
     q, k, v = (torch.randn(B, T, H, D, dtype=torch.float64) for _ in range(3))
@@ -49,12 +49,18 @@ def compare(case, cu_seqlens=None, use_initial=True, block_len=None, D=16, H=4, 
     ref = run_and_grad(lambda a, b, c, s: lightning_attention_parallel(a, b, c, g, None, s, True, cu_seqlens),
                        q, k, v, s0, do, dfinal)
     cast = lambda x: x.float() if x is not None else None  # noqa: E731
+    if not want_final:  # the reference's loss must not see the final state either
+        ref = run_and_grad(lambda a, b, c, s: lightning_attention_parallel(a, b, c, g, None, s, False, cu_seqlens),
+                           q, k, v, s0, do, dfinal)
     ours = run_and_grad(
-        lambda a, b, c, s: lightning_attention(a, b, c, g, initial_state=s, output_final_state=True,
+        lambda a, b, c, s: lightning_attention(a, b, c, g, initial_state=s, output_final_state=want_final,
                                                cu_seqlens=cu_seqlens, block_len=block_len),
         cast(q), cast(k), cast(v), cast(s0), do, dfinal)
     names = ["o", "final state", "dq", "dk", "dv"] + (["d initial state"] if use_initial else [])
     for name, mine, theirs in zip(names, [ours[0], ours[1], *ours[2]], [ref[0], ref[1], *ref[2]]):
+        if name == "final state" and not want_final:
+            assert mine is None
+            continue
         assert_close(mine, theirs, ratio=FP32_RATIO, name=f"{case}: {name}")
 
 
@@ -85,6 +91,15 @@ def test_forward_state_and_gradients(poisoned, T, use_initial):
 @pytest.mark.parametrize("block_len", [32, 64])
 def test_blocks_of_several_chunks(poisoned, block_len):
     compare(f"block_len={block_len}", block_len=block_len, T=150, B=2)
+
+
+@pytest.mark.parametrize("use_initial", [True, False], ids=["h0", "no-h0"])
+def test_blocks_without_final_state(poisoned, use_initial):
+    """Without a final state (and without an initial state) the kernels skip the contributions of each
+    sequence's last (first) block; the outputs and gradients must not change."""
+    compare("no final state", block_len=32, T=150, B=2, use_initial=use_initial, want_final=False)
+    compare("no final state varlen", cu_seqlens=torch.tensor([0, 40, 41, 133]), block_len=32, B=1, T=133,
+            use_initial=use_initial, want_final=False)
 
 
 def test_head_dim_32_and_a_single_head(poisoned):
