@@ -43,8 +43,9 @@ def varlen_causal_attention(q, k, v, cu_seqlens: torch.Tensor, *, scale: float |
     return out
 
 
-def masked_attention(q, k, v, mask: torch.Tensor, *, scale: float | None = None) -> torch.Tensor:
-    """Attention with an explicit boolean mask [B, 1, T, S] (True = attend); used with a cache or padding."""
+def masked_attention(q, k, v, mask, *, scale: float | None = None) -> torch.Tensor:
+    """Attention with a boolean mask [B, 1, T, S] (True = attend) or an SDPA bias object (the bottom-right
+    causal mask of a chunk after a cache); used with a cache or padding."""
     return _sdpa(q, k, v, mask=mask, scale=scale)
 
 
@@ -54,7 +55,8 @@ def cached_causal_mask(
     key_padding: torch.Tensor | None = None,
     device: torch.device | None = None,
 ) -> torch.Tensor | None:
-    """Boolean mask [B or 1, 1, T, past + T] for queries that follow ``past_len`` cached keys.
+    """Mask for queries that follow ``past_len`` cached keys: boolean [B, 1, T, past + T] with padding, else a
+    lower-right causal bias object.
 
     Query i (absolute position past + i) sees keys j <= past + i. ``key_padding`` [B, past + T] marks real
     tokens with 1; padded keys are hidden, but every query keeps its own key so that rows of padding
@@ -62,6 +64,12 @@ def cached_causal_mask(
     """
     if key_padding is None and past_len == 0:
         return None
+    if key_padding is None:
+        # bottom-right aligned causal mask as an SDPA bias object: the fused kernels apply it without a
+        # [T, past + T] tensor, so a chunk of 32K queries against a 1M-token cache costs no mask memory
+        from torch.nn.attention.bias import causal_lower_right
+
+        return causal_lower_right(query_len, past_len + query_len)
     total = past_len + query_len
     q_pos = torch.arange(past_len, total, device=device)[:, None]
     k_pos = torch.arange(total, device=device)[None, :]
