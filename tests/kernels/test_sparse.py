@@ -135,12 +135,25 @@ def test_packed_documents_on_both_sides_of_dense_len():
     assert_close(packed, torch.cat([first, second], dim=1), ratio=FP32_RATIO, name="packed")
 
 
-@pytest.mark.parametrize("S", [40, 64, 97])
+@pytest.mark.parametrize("S", [40, 64, 97, 150, 301])
 def test_decode_equals_last_row_of_prefill(S):
     q, k, v = qkv(2, S, 4, 2, dtype=torch.float32, seed=S)
     full = infllmv2_attention(q, k, v, TINY_CONFIG)
     step = infllmv2_decode(q[:, -1], k, v, TINY_CONFIG)
     assert_close(step, full[:, -1], ratio=FP32_RATIO, name=f"decode at {S}")
+    # with compressed-key caches kept by the caller (here: computed once up front)
+    caches = (compress_keys(k, 8, 4)[0], compress_keys(k, 32, 16)[0])
+    assert_close(infllmv2_decode(q[:, -1], k, v, TINY_CONFIG, compressed=caches), full[:, -1], ratio=FP32_RATIO,
+                 name=f"decode with compressed caches at {S}")
+
+
+def test_decode_selection_equals_the_reference_last_row():
+    from sala_train.kernels.sparse import decode_block_selection
+
+    for S in (64, 150, 301):
+        q, k, _ = qkv(2, S, 4, 2, dtype=torch.float32, seed=S + 1)
+        ref = select_blocks_reference(q, k, **TINY)[:, :, -1]
+        assert torch.equal(decode_block_selection(q[:, -1], k, TINY_CONFIG, 16**-0.5), ref)
 
 
 def test_bad_inputs():
