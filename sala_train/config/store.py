@@ -11,10 +11,14 @@ def register_configs() -> None:
     global _registered
     if _registered:
         return
+    from ..convert import ConvertConfig
     from ..generate import GenerateConfig
+    from ..layer_selection import HaloConfig
     from ..make_teacher import MakeTeacherConfig
 
     store = ConfigStore.instance()
+    store.store(name="convert_schema", node=ConvertConfig)
     store.store(name="make_teacher_schema", node=MakeTeacherConfig)
     store.store(name="generate_schema", node=GenerateConfig)
+    store.store(name="select_schema", node=HaloConfig)
     _registered = True

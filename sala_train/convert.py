@@ -1,0 +1,65 @@
+"""`python -m sala_train.convert`: MiniCPM-4 checkpoint + layer plan -> SALA checkpoint.
+
+    python -m sala_train.convert teacher=runs/teacher plan=runs/select/plan.json output=runs/student
+    python -m sala_train.convert teacher=runs/teacher plan=SLLS output=runs/student   # a pattern works too
+    python -m sala_train.convert teacher=runs/teacher plan=SLLS output=runs/check verify=true
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import hydra
+import torch
+from omegaconf import OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ConvertConfig:
+    teacher: str = "???"
+    # a plan.json written by layer selection, or a pattern such as "SLLLS"
+    plan: str = "???"
+    output: str = "???"
+    sparse_config: Optional[dict[str, Any]] = None
+    # aligned lightning students from the selection run (safetensors file or directory)
+    aligned: Optional[str] = None
+    verify: bool = False
+    seed: int = 0
+    dtype: Optional[str] = None
+    max_shard_size: str = "2GB"
+    overwrite: bool = False
+
+
+def load_plan(plan: str):
+    from sala_train.layer_selection import LayerPlan
+
+    return LayerPlan.load(plan) if plan.endswith(".json") or Path(plan).is_file() else LayerPlan.parse(plan)
+
+
+@hydra.main(version_base="1.3", config_path="pkg://sala_train.recipes", config_name="convert")
+def _main(cfg) -> None:
+    from sala_train.conversion import convert
+
+    cfg: ConvertConfig = OmegaConf.to_object(cfg)
+    report = convert(cfg.teacher, load_plan(cfg.plan), cfg.output, sparse_config=cfg.sparse_config,
+                     aligned=cfg.aligned, verify=cfg.verify, seed=cfg.seed,
+                     dtype=getattr(torch, cfg.dtype) if cfg.dtype else None, max_shard_size=cfg.max_shard_size,
+                     overwrite=cfg.overwrite)
+    print(f"wrote {cfg.output}: {len(report.mapped)} tensors mapped, {len(report.created)} created, "
+          f"{len(report.dropped)} dropped (conversion_report.md)")
+
+
+def main() -> None:
+    from sala_train.config import register_configs
+
+    register_configs()
+    _main()
+
+
+if __name__ == "__main__":
+    main()
