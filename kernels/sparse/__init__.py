@@ -13,9 +13,11 @@ import torch
 
 from .naive import (
     compress_keys_reference,
+    decode_block_selection_reference,
     dense_causal_attention_reference,
     select_blocks_reference,
     sparse_attention_reference,
+    sparse_decode_reference,
 )
 
 __all__ = ["SparseConfig", "compress_keys", "select_blocks", "sparse_attention", "infllmv2_attention",
@@ -192,74 +194,21 @@ def infllmv2_decode(q, k_cache, v_cache, config: SparseConfig | dict | None = No
                     compressed: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Attention of one new token per sequence against its cache (the token's own k, v already appended).
 
-    q [N, H_q, D]; k_cache, v_cache [N, S, H_kv, D] with S the tokens so far (this one included).
-    Dense below ``dense_len``; else the block selection the prefill would make for its last row, then
-    attention over the selected blocks only: the cost grows with S / kernel_stride (scoring), not S.
-    ``compressed``: the (fine, coarse) compressed-key caches [N, n, H_kv, D] when the caller keeps them
-    (they grow by one entry every kernel_stride / 4 * kernel_stride tokens); else computed here.
+    q [N, H_q, D]; k_cache, v_cache [N, S, H_kv, D] with S the tokens so far (this one included). Dense below
+    ``dense_len``; else the blocks the prefill would select for its last row, attention over those only:
+    linear in S. ``compressed``: the (fine, coarse) compressed-key caches [N, n, H_kv, D] if the caller keeps
+    them. See ``naive.sparse_decode_reference``.
     """
     config = config if isinstance(config, SparseConfig) else SparseConfig.from_dict(config)
-    N, S, Hk, D = k_cache.shape
-    Hq = q.shape[1]
-    G = Hq // Hk
-    scale = D**-0.5 if scale is None else scale
-    qh = q.float().view(N, Hk, G, D)
-    if S < config.dense_len:
-        scores = torch.einsum("nkgd,nskd->nkgs", qh, k_cache.float()) * scale
-        out = torch.einsum("nkgs,nskd->nkgd", scores.softmax(-1), v_cache.float())
-        return out.reshape(N, Hq, D).to(q.dtype)
-    indices = decode_block_selection(q, k_cache, config, scale, compressed)  # [N, Hk, slots]
-    B = config.block_size
-    positions = indices.long()[..., None] * B + torch.arange(B, device=q.device)  # [N, Hk, slots, B]
-    valid = (indices[..., None] >= 0) & (positions < S)
-    positions = positions.clamp(0, S - 1).flatten(2)  # [N, Hk, L]
-    gather = lambda cache: cache.permute(0, 2, 1, 3).gather(  # noqa: E731
-        2, positions[..., None].expand(-1, -1, -1, D)).float()  # [N, Hk, L, D]
-    keys, values = gather(k_cache), gather(v_cache)
-    scores = torch.einsum("nkgd,nkld->nkgl", qh, keys) * scale
-    scores = scores.masked_fill(~valid.flatten(2)[:, :, None], float("-inf"))
-    out = torch.einsum("nkgl,nkld->nkgd", scores.softmax(-1), values)
-    return out.reshape(N, Hq, D).to(q.dtype)
+    return sparse_decode_reference(q, k_cache, v_cache, block_size=config.block_size,
+                                   kernel_size=config.kernel_size, kernel_stride=config.kernel_stride,
+                                   init_blocks=config.init_blocks, local_blocks=config.local_blocks,
+                                   topk=config.topk, dense_len=config.dense_len, scale=scale, compressed=compressed)
 
 
-def decode_block_selection(q, k_cache, config: SparseConfig, scale: float,
-                           compressed: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """The blocks the last token of each cached sequence selects: [N, H_kv, slots] int32 (ascending, -1).
-    Same rules as ``naive.select_blocks_reference`` for its last row, without the T x T work."""
-    N, S, Hk, D = k_cache.shape
-    G = q.shape[1] // Hk
-    w, s, B = config.kernel_size, config.kernel_stride, config.block_size
-    if compressed is None:
-        kc, _ = compress_keys_reference(k_cache, w, s)
-        k2, _ = compress_keys_reference(k_cache, 4 * w, 4 * s)
-    else:
-        kc, k2 = compressed
-    qh = q.float().view(N, Hk, G, D)
-    # every complete window ends at or before the last token, so all of them are visible to it
-    s_c = torch.einsum("nkgd,njkd->nkgj", qh, kc.float()) * scale
-    s_2 = torch.einsum("nkgd,njkd->nkgj", qh, k2.float()) * scale
-    lse = (s_2 if s_2.shape[-1] else s_c).logsumexp(-1, keepdim=True)
-    p = torch.exp(s_c - lse).sum(2)  # [N, Hk, n_c]
-    n_c = p.shape[-1]
-    n_blocks = -(-S // B)
-    blk = torch.arange(n_blocks, device=q.device)
-    lo = torch.div(B * blk - w + 1 + s - 1, s, rounding_mode="floor").clamp(min=0)  # ceil((B b - w + 1) / s)
-    hi = torch.div(B * blk + B - 1, s, rounding_mode="floor").clamp(max=n_c - 1)
-    block_score = torch.full((N, Hk, n_blocks), float("-inf"), device=q.device)
-    for offset in range(-(-(B + w - 1) // s) + 1):  # at most this many windows overlap one block
-        j = lo + offset
-        take = j <= hi
-        if n_c == 0 or not bool(take.any()):
-            continue
-        candidate = p[..., j.clamp(max=max(n_c - 1, 0))]
-        block_score = torch.maximum(block_score, torch.where(take, candidate, torch.tensor(float("-inf"), device=q.device)))
-    own = (S - 1) // B
-    forced = (blk < config.init_blocks) | (blk > own - config.local_blocks)
-    block_score = torch.where(forced, torch.tensor(float("inf"), device=q.device), block_score)
-    slots = config.slots
-    keep = min(slots, n_blocks)
-    values, index = block_score.sort(dim=-1, descending=True, stable=True)
-    index = torch.where(values[..., :keep] > float("-inf"), index[..., :keep], n_blocks).sort(-1).values
-    out = torch.full((N, Hk, slots), -1, dtype=torch.int32, device=q.device)
-    out[..., :keep] = torch.where(index == n_blocks, -1, index).to(torch.int32)
-    return out
+def decode_block_selection(q, k_cache, config: SparseConfig, scale: float, compressed=None) -> torch.Tensor:
+    """The blocks the last token of each cached sequence selects: [N, H_kv, slots] (see the reference)."""
+    return decode_block_selection_reference(q, k_cache, block_size=config.block_size, kernel_size=config.kernel_size,
+                                            kernel_stride=config.kernel_stride, init_blocks=config.init_blocks,
+                                            local_blocks=config.local_blocks, topk=config.topk, scale=scale,
+                                            compressed=compressed)

@@ -181,3 +181,77 @@ def dense_causal_attention_reference(q, k, v, *, scale=None, cu_seqlens=None) ->
         scores = scores.masked_fill(~torch.ones(L, L, dtype=torch.bool, device=q.device).tril(), float("-inf"))
         out[b, s:e] = (scores.softmax(-1) @ vh).transpose(0, 1)
     return out.to(q.dtype)
+
+
+@torch.no_grad()
+def sparse_decode_reference(q, k_cache, v_cache, *, block_size=64, kernel_size=32, kernel_stride=16, init_blocks=1,
+                            local_blocks=32, topk=64, dense_len=8192, scale=None, compressed=None) -> torch.Tensor:
+    """One new token per sequence: q [N, H_q, D] against k_cache, v_cache [N, S, H_kv, D] (its own k, v
+    included) -> [N, H_q, D]. Dense below ``dense_len``; else the last-row selection of a prefill and
+    attention over the gathered blocks: linear in S (no T x T work)."""
+    N, S, Hk, D = k_cache.shape
+    Hq = q.shape[1]
+    G = Hq // Hk
+    scale = D**-0.5 if scale is None else scale
+    qh = q.float().view(N, Hk, G, D)
+    if S < dense_len:
+        scores = torch.einsum("nkgd,nskd->nkgs", qh, k_cache.float()) * scale
+        out = torch.einsum("nkgs,nskd->nkgd", scores.softmax(-1), v_cache.float())
+        return out.reshape(N, Hq, D).to(q.dtype)
+    indices = decode_block_selection_reference(q, k_cache, block_size=block_size, kernel_size=kernel_size,
+                                               kernel_stride=kernel_stride, init_blocks=init_blocks,
+                                               local_blocks=local_blocks, topk=topk, scale=scale,
+                                               compressed=compressed)  # [N, Hk, slots]
+    positions = indices.long()[..., None] * block_size + torch.arange(block_size, device=q.device)
+    valid = (indices[..., None] >= 0) & (positions < S)
+    positions = positions.clamp(0, S - 1).flatten(2)  # [N, Hk, L]
+    gather = lambda cache: cache.permute(0, 2, 1, 3).gather(  # noqa: E731
+        2, positions[..., None].expand(-1, -1, -1, D)).float()  # [N, Hk, L, D]
+    keys, values = gather(k_cache), gather(v_cache)
+    scores = torch.einsum("nkgd,nkld->nkgl", qh, keys) * scale
+    scores = scores.masked_fill(~valid.flatten(2)[:, :, None], float("-inf"))
+    out = torch.einsum("nkgl,nkld->nkgd", scores.softmax(-1), values)
+    return out.reshape(N, Hq, D).to(q.dtype)
+
+
+@torch.no_grad()
+def decode_block_selection_reference(q, k_cache, *, block_size=64, kernel_size=32, kernel_stride=16, init_blocks=1,
+                                     local_blocks=32, topk=64, scale=None, compressed=None) -> torch.Tensor:
+    """The blocks the last token of each cached sequence selects: [N, H_kv, slots] int32 (ascending, -1),
+    the same as ``select_blocks_reference``'s last row, computed from the compressed keys only."""
+    N, S, Hk, D = k_cache.shape
+    G = q.shape[1] // Hk
+    w, s, B = kernel_size, kernel_stride, block_size
+    scale = D**-0.5 if scale is None else scale
+    if compressed is None:
+        kc, _ = compress_keys_reference(k_cache, w, s)
+        k2, _ = compress_keys_reference(k_cache, 4 * w, 4 * s)
+    else:
+        kc, k2 = compressed
+    qh = q.float().view(N, Hk, G, D)
+    # every complete window ends at or before the last token, so all of them are visible to it
+    s_c = torch.einsum("nkgd,njkd->nkgj", qh, kc.float()) * scale
+    s_2 = torch.einsum("nkgd,njkd->nkgj", qh, k2.float()) * scale
+    lse = (s_2 if s_2.shape[-1] else s_c).logsumexp(-1, keepdim=True)
+    p = torch.exp(s_c - lse).sum(2)  # [N, Hk, n_c]
+    n_c = p.shape[-1]
+    n_blocks = -(-S // B)
+    blk = torch.arange(n_blocks, device=q.device)
+    lo = torch.div(B * blk - w + s, s, rounding_mode="floor").clamp(min=0)  # ceil((B b - w + 1) / s)
+    hi = torch.div(B * blk + B - 1, s, rounding_mode="floor").clamp(max=n_c - 1)
+    neg = torch.tensor(float("-inf"), device=q.device)
+    block_score = torch.full((N, Hk, n_blocks), float("-inf"), device=q.device)
+    if n_c:
+        for offset in range(-(-(B + w - 1) // s) + 1):  # at most this many windows overlap one block
+            j = lo + offset
+            block_score = torch.maximum(block_score, torch.where(j <= hi, p[..., j.clamp(max=n_c - 1)], neg))
+    own = (S - 1) // B
+    forced = (blk < init_blocks) | (blk > own - local_blocks)
+    block_score = torch.where(forced, torch.tensor(float("inf"), device=q.device), block_score)
+    slots = init_blocks + local_blocks + topk
+    keep = min(slots, n_blocks)
+    values, index = block_score.sort(dim=-1, descending=True, stable=True)
+    index = torch.where(values[..., :keep] > float("-inf"), index[..., :keep], n_blocks).sort(-1).values
+    out = torch.full((N, Hk, slots), -1, dtype=torch.int32, device=q.device)
+    out[..., :keep] = torch.where(index == n_blocks, -1, index).to(torch.int32)
+    return out

@@ -37,7 +37,11 @@ try:
         lightning_decode_reference,
         sala_decay,
     )
-    from sala_train.kernels.sparse.naive import select_blocks_reference, sparse_attention_reference
+    from sala_train.kernels.sparse.naive import (
+        select_blocks_reference,
+        sparse_attention_reference,
+        sparse_decode_reference,
+    )
     from sala_train.models.attention import causal_attention, masked_attention
     from sala_train.models.cache import KVCache
     from sala_train.models.generation import GenerationMixin
@@ -55,7 +59,7 @@ except ImportError:
     from .layers import RMSNorm, RotaryEmbedding, SwiGLU, apply_rotary
     from .lightning_naive import lightning_attention_parallel, lightning_decode_reference, sala_decay
     from .minicpm import MiniCPMForCausalLM, MiniCPMModel, MiniCPMPreTrainedModel
-    from .sparse_naive import select_blocks_reference, sparse_attention_reference
+    from .sparse_naive import select_blocks_reference, sparse_attention_reference, sparse_decode_reference
 
     lightning_kernels = sparse_kernels = write_remote_code = None
 
@@ -183,10 +187,12 @@ def attend_last_rows(attention: Callable, q, k, v, sparse_config: dict, scale=No
 
 
 def sparse_decode_torch(q, k_cache, v_cache, sparse_config: dict, scale=None):
-    """One token per sequence, q [N, H_q, D], against its cache [N, S, H_kv, D] -> [N, H_q, D]."""
+    """One token per sequence, q [N, H_q, D], against its cache [N, S, H_kv, D] -> [N, H_q, D]: dense below
+    ``dense_len``, else the last-row block selection from the compressed keys (linear in S)."""
     if k_cache.shape[1] < sparse_config["dense_len"]:
         return masked_attention(q[:, None], k_cache, v_cache, None, scale=scale)[:, 0]
-    return attend_last_rows(sparse_attention_torch, q[:, None], k_cache, v_cache, sparse_config, scale)[:, 0]
+    return sparse_decode_reference(q, k_cache, v_cache, dense_len=sparse_config["dense_len"], scale=scale,
+                                   **_selection(sparse_config))
 
 
 LIGHTNING_BACKENDS: dict[str, LightningOps] = {
