@@ -1,0 +1,55 @@
+"""`python -m sala_train.train`: train a converted SALA checkpoint through the stages of a recipe.
+
+    python -m sala_train.train +experiment=tiny_cpu student=runs/demo/student teacher=runs/demo/teacher \
+        run_dir=runs/demo/train
+    torchrun --nproc-per-node 2 -m sala_train.train +experiment=tiny_cpu ...      # data parallel
+
+The resolved config and the git revision are written to run_dir before training starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+from pathlib import Path
+
+import hydra
+from omegaconf import OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+def git_revision() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                              cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+@hydra.main(version_base="1.3", config_path="pkg://sala_train.recipes", config_name="train")
+def _main(cfg) -> None:
+    import os
+
+    from .config import TrainConfig
+    from .trainer import Trainer
+
+    resolved = OmegaConf.to_yaml(cfg)
+    train_cfg: TrainConfig = OmegaConf.to_object(cfg)
+    trainer = Trainer(train_cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        run_dir = Path(train_cfg.run_dir)
+        (run_dir / "config.yaml").write_text(resolved)
+        (run_dir / "git_revision.txt").write_text(git_revision() + "\n")
+    trainer.run()
+
+
+def main() -> None:
+    from ..config import register_configs
+
+    register_configs()
+    _main()
+
+
+if __name__ == "__main__":
+    main()

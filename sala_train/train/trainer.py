@@ -1,0 +1,291 @@
+"""The staged trainer: one loop, stage logic in small functions, state checkpointed atomically.
+
+    trainer = Trainer(cfg)      # validates the recipe before touching a model or data
+    trainer.run()               # every stage from cfg.start_stage (or from the latest checkpoint), in order
+
+Backends: "torch" (one process, or DDP under torchrun: gloo on CPU, NCCL on GPU). A killed run restarted
+with the same command continues from its latest checkpoint with the same batches and losses.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..checkpoint import atomic_directory, write_json_atomic
+from ..data.loader import PackedLoader
+from .config import RecipeError, StageConfig, TrainConfig
+from .losses import kl_distillation, next_token_mask
+from .params import param_groups, select_trainable
+from .schedules import build_schedule, set_learning_rate
+
+log = logging.getLogger(__name__)
+
+DENSE_EVERYWHERE = 2**62  # dense_len that keeps InfLLM-V2 off at any length
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped itself (too many bad steps); the message says why and where."""
+
+
+def set_sparse(model, on: bool) -> None:
+    """InfLLM-V2 on (each sparse mixer's configured dense_len) or off (dense attention at any length)."""
+    dense_len = model.config.sparse_config["dense_len"] if on else DENSE_EVERYWHERE
+    for module in model.modules():
+        if hasattr(module, "sparse_config") and isinstance(module.sparse_config, dict):
+            module.sparse_config["dense_len"] = dense_len
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        cfg.validate(self.world)  # impossible recipes fail here, before any model or data work
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
+        self.run_dir = Path(cfg.run_dir)
+        self.checkpoints = self.run_dir / "checkpoints"
+        if self.rank == 0:
+            self.checkpoints.mkdir(parents=True, exist_ok=True)
+        self._barrier()
+        from ..tokenizer import load_tokenizer
+
+        self.tokenizer = load_tokenizer(cfg.tokenizer or cfg.student)
+        self.metrics_file = self.run_dir / "metrics.jsonl"
+        self.wandb = None
+        self.teacher = None
+
+    # -- helpers ------------------------------------------------------------------------------------
+    def _barrier(self):
+        if dist.is_initialized():
+            dist.barrier()
+
+    def _load_student(self, path: Path):
+        from ..models.sala import MiniCPMSALAForCausalLM
+
+        model = MiniCPMSALAForCausalLM.from_pretrained(path, dtype="float32", device=self.device)
+        if self.cfg.backend.activation_checkpointing:
+            model.gradient_checkpointing_enable()
+        return model.train()
+
+    def _load_teacher(self):
+        if self.teacher is None and self.cfg.teacher:
+            from ..models import MiniCPMForCausalLM
+
+            self.teacher = MiniCPMForCausalLM.from_pretrained(self.cfg.teacher, dtype="float32", device=self.device)
+            self.teacher.requires_grad_(False)
+        return self.teacher
+
+    def _log(self, record: dict) -> None:
+        if self.rank != 0:
+            return
+        with open(self.metrics_file, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["global_step"])
+
+    def _start_wandb(self):
+        mode = self.cfg.logging.wandb
+        if mode == "disabled" or self.rank != 0:
+            return
+        try:
+            import wandb
+        except ImportError:
+            log.warning("logging.wandb = %s but wandb is not installed (pip install 'sala-train[wandb]'); "
+                        "metrics go to %s only", mode, self.metrics_file)
+            return
+        from omegaconf import OmegaConf
+
+        self.wandb = wandb.init(project=self.cfg.logging.project, name=self.cfg.logging.run_name, mode=mode,
+                                dir=str(self.run_dir), config=OmegaConf.to_container(OmegaConf.structured(self.cfg)),
+                                resume="allow", id=self._wandb_id())
+
+    def _wandb_id(self) -> str:
+        id_file = self.run_dir / "wandb_id.txt"
+        if not id_file.exists():
+            id_file.write_text(f"sala-{int(time.time())}-{random.randrange(1 << 30):x}")
+        return id_file.read_text().strip()
+
+    # -- checkpoints --------------------------------------------------------------------------------
+    def latest_checkpoint(self) -> Path | None:
+        found = sorted(p for p in self.checkpoints.glob("stage-*-step-*") if (p / "trainer_state.json").exists())
+        return found[-1] if found else None
+
+    def save_checkpoint(self, model, optimizer, loader, state: dict) -> Path:
+        """model (HF layout), optimizer, loader position, RNG and counters in one atomically written folder."""
+        name = f"stage-{state['stage_index']:02d}-step-{state['step']:08d}"
+        path = self.checkpoints / name
+        loader_state = loader.state_dict() if loader is not None else None
+        if self.rank == 0:
+            with atomic_directory(path) as staging:
+                model.save_pretrained(staging / "model")
+                if optimizer is not None:
+                    torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+                torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, staging / "rng.pt")
+                write_json_atomic(staging / "trainer_state.json", {**state, "loader": loader_state})
+            for old in sorted(self.checkpoints.glob("stage-*-step-*"))[: -self.cfg.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        self._barrier()
+        return path
+
+    # -- the run ------------------------------------------------------------------------------------
+    def run(self) -> Path:
+        cfg = self.cfg
+        self._start_wandb()
+        resume = self.latest_checkpoint() if cfg.resume else None
+        if resume is not None:
+            state = json.loads((resume / "trainer_state.json").read_text())
+            log.info("resuming from %s (stage %d, step %d)", resume, state["stage_index"], state["step"])
+            model = self._load_student(resume / "model")
+        else:
+            state = {"stage_index": cfg.start_stage, "step": 0, "global_step": 0, "bad_steps": 0}
+            model = self._load_student(Path(cfg.student))
+        for index in range(state["stage_index"], len(cfg.stages)):
+            at_start = resume is None or index != state["stage_index"] or state["step"] == 0
+            model = self.run_stage(index, model, None if at_start else (resume, state), state)
+            state = {"stage_index": index + 1, "step": 0, "global_step": state["global_step"], "bad_steps": 0}
+        self._finish()
+        return self.run_dir
+
+    def run_stage(self, index: int, model, resume, state: dict):
+        cfg = self.cfg
+        stage: StageConfig = cfg.stages[index]
+        accumulation, steps = stage.plan(self.world)
+        set_sparse(model, stage.sparse)
+        select_trainable(model, stage.trainable, stage.frozen)
+        opt = stage.optimizer
+        optimizer = torch.optim.AdamW(param_groups(model, stage.schedule.lr, opt.weight_decay, mup=opt.mup),
+                                      lr=stage.schedule.lr, betas=tuple(opt.betas), eps=opt.eps)
+        schedule = build_schedule(replace(stage.schedule, total_steps=stage.schedule.total_steps or steps))
+        data_cfg = replace(stage.data, seq_len=stage.seq_len, batch_size=stage.micro_batch_size,
+                           seed=stage.data.seed + 1000 * index)
+        loader = PackedLoader(data_cfg, self.tokenizer, rank=self.rank, world_size=self.world)
+        step = 0
+        if resume is not None:
+            path, saved = resume
+            step = saved["step"]
+            optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+            loader.load_state_dict(saved["loader"])
+            rng = torch.load(path / "rng.pt", weights_only=False)
+            torch.set_rng_state(rng["torch"])
+            random.setstate(rng["python"])
+        else:
+            torch.manual_seed(cfg.seed + index)
+        wrapped = model
+        if self.world > 1:
+            wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=None if self.device.type == "cpu"
+                                                                else [self.device.index])
+        teacher = self._load_teacher() if "kl" in stage.loss else None
+        progress = None
+        if cfg.logging.progress and self.rank == 0:
+            from tqdm import tqdm
+
+            progress = tqdm(total=steps, initial=step, desc=f"stage {index} {stage.name}", unit="step")
+        tokens_per_step = stage.seq_len * stage.micro_batch_size * self.world * accumulation
+        bad = state.get("bad_steps", 0)
+        while step < steps:
+            started = time.perf_counter()
+            lr = schedule.lr_at(step)
+            set_learning_rate(optimizer, lr)
+            optimizer.zero_grad(set_to_none=True)
+            total_loss = 0.0
+            for micro in range(accumulation):
+                batch = {k: v.to(self.device) for k, v in next(loader).items()}
+                sync = micro == accumulation - 1 or self.world == 1
+                with nullcontext() if sync else wrapped.no_sync():
+                    loss = self._loss(wrapped, teacher, batch, stage) / accumulation
+                    loss.backward()
+                total_loss += loss.detach()
+            grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                                       opt.grad_clip if opt.grad_clip > 0 else float("inf"))
+            if self.world > 1:
+                dist.all_reduce(total_loss)
+                total_loss /= self.world
+            finite = bool(torch.isfinite(total_loss)) and bool(torch.isfinite(grad_norm))
+            if finite:
+                optimizer.step()
+                bad = 0
+            else:
+                bad += 1
+                log.warning("stage %s step %d: non-finite loss or gradient (loss %s, grad norm %s); step skipped "
+                            "(%d in a row)", stage.name, step, float(total_loss), float(grad_norm), bad)
+                if bad >= cfg.max_bad_steps:
+                    raise TrainingStopped(f"stage {stage.name}: {bad} consecutive non-finite steps at step {step}; "
+                                          f"the last checkpoint is in {self.checkpoints}")
+            step += 1
+            state["global_step"] += 1
+            elapsed = time.perf_counter() - started
+            record = {"stage": stage.name, "stage_index": index, "step": step, "global_step": state["global_step"],
+                      "loss": float(total_loss), "lr": lr, "grad_norm": float(grad_norm), "skipped": not finite,
+                      "tokens_per_s": tokens_per_step / max(elapsed, 1e-9)}
+            if step % max(stage.log_every, 1) == 0 or step == steps:
+                self._log(record)
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
+            if stage.save_every and step % stage.save_every == 0 and step < steps:
+                self.save_checkpoint(model, optimizer, loader, {"stage_index": index, "step": step,
+                                                                 "global_step": state["global_step"], "bad_steps": bad})
+        if progress is not None:
+            progress.close()
+        self.save_checkpoint(model, None, None, {"stage_index": index + 1, "step": 0,
+                                                  "global_step": state["global_step"], "bad_steps": 0})
+        if stage.export and self.rank == 0:
+            model.save_pretrained(self.run_dir / "export" / stage.name, tokenizer=self.tokenizer)
+        self._barrier()
+        return model
+
+    def _loss(self, model, teacher, batch: dict, stage: StageConfig) -> torch.Tensor:
+        out = model(batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"])
+        if stage.loss in ("ce", "sft"):
+            return out.loss
+        with torch.no_grad():
+            teacher_logits = teacher(batch["input_ids"], position_ids=batch["position_ids"]).logits
+        mask = next_token_mask(batch["labels"], position_ids=batch["position_ids"])
+        kl = kl_distillation(out.logits, teacher_logits, mask, temperature=stage.kl_temperature)
+        return kl * stage.kl_weight if stage.loss == "kl" else out.loss + stage.kl_weight * kl
+
+    def _finish(self) -> None:
+        if self.rank == 0:
+            plot_losses(self.metrics_file, self.run_dir / "loss_curve.png")
+        if self.wandb is not None:
+            self.wandb.finish()
+        self._barrier()
+
+
+def plot_losses(metrics_file: Path, out: Path) -> Path | None:
+    """Loss per global step, one colour per stage, from metrics.jsonl."""
+    if not metrics_file.exists():
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for stage in dict.fromkeys(r["stage"] for r in records):
+        rows = [r for r in records if r["stage"] == stage]
+        ax.plot([r["global_step"] for r in rows], [r["loss"] for r in rows], label=stage)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
