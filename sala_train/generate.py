@@ -36,9 +36,23 @@ class GenerateConfig:
     tokenizer: Optional[str] = None
 
 
+def load_model(model_dir: str, **kwargs):
+    """The teacher or the SALA student, by the model_type of the checkpoint's config.json."""
+    import json
+    from pathlib import Path
+
+    config_file = Path(model_dir) / "config.json"
+    model_type = json.loads(config_file.read_text()).get("model_type") if config_file.is_file() else None
+    if model_type == "minicpm_sala":
+        from .models.sala import MiniCPMSALAForCausalLM
+
+        return MiniCPMSALAForCausalLM.from_pretrained(model_dir, **kwargs)
+    return MiniCPMForCausalLM.from_pretrained(model_dir, **kwargs)
+
+
 def generate_text(cfg: GenerateConfig) -> str:
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model_dir)
-    model = MiniCPMForCausalLM.from_pretrained(cfg.model_dir, dtype=cfg.dtype, device=cfg.device)
+    model = load_model(cfg.model_dir, dtype=cfg.dtype, device=cfg.device)
     ids = tokenizer(cfg.prompt, return_tensors="pt").input_ids.to(cfg.device)
     generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
     start = time.perf_counter()
