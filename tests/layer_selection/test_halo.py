@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
+
 from sala_train.layer_selection import (
     AlignConfig,
     AlignmentResumeError,
@@ -42,7 +43,6 @@ from sala_train.layer_selection.tasks import (
     passkey_examples,
     score_answers,
 )
-
 from sala_train.make_teacher import make_teacher
 from sala_train.models import MiniCPMConfig, MiniCPMForCausalLM
 from sala_train.models.sala import LightningMixer
@@ -69,6 +69,16 @@ def tiny_task_config(**overrides):
     values = dict(context_len=96, num_examples=3, heldout_sequences=2, heldout_len=48, batch_size=3)
     values.update(overrides)
     return TaskConfig(**values)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models are tiny: a second intra-op thread only adds synchronisation, and on a busy 2-core machine
+    its spin-waits slow the tests down by an order of magnitude."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -486,7 +496,7 @@ def test_command_line_end_to_end(teacher_dir, tmp_path):
                "lightning_backend=torch", "align.steps=3", f"align.seq_len={SEQ_LEN}", "align.batch_size=2",
                "align.warmup_steps=1", "tasks.context_len=96", "tasks.num_examples=2", "tasks.heldout_len=48",
                "tasks.heldout_sequences=2", "selection.ratio=0.5", "selection.method=recall_drop"]
-    env = {**os.environ, "PYTHONSAFEPATH": "1"}
+    env = {**os.environ, "PYTHONSAFEPATH": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "plan S" in done.stdout
