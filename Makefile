@@ -1,5 +1,5 @@
 # sala-train: the two commands of the README, each sets up its own environment in .venv.
-#   make demo   tiny teacher -> ... -> generation, on CPU (grows with each pipeline stage)
+#   make demo   tiny teacher -> selection -> conversion -> all stages -> export -> generation -> evaluation (CPU)
 #   make test   the CPU test suite (GPU tests are skipped without a GPU)
 
 PYTHON ?= python3
@@ -18,13 +18,11 @@ $(VENV)/.installed: setup.cfg pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PINS)
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,wandb]'
 	touch $@
 
 demo: venv
-	PYTHONSAFEPATH=1 $(VENV)/bin/sala-make-teacher model=tiny output_dir=$(DEMO_DIR)/teacher
-	PYTHONSAFEPATH=1 $(VENV)/bin/sala-generate model_dir=$(DEMO_DIR)/teacher \
-		prompt="The history of the printing press" max_new_tokens=40
+	PYTHONSAFEPATH=1 $(PY) -m sala_train.demo $(DEMO_DIR)
 
 test: venv
 	$(PY) -m pytest -q -m "not gpu and not multi_gpu" $(PYTEST_ARGS)

@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -25,7 +25,8 @@ class ConvertConfig:
     # a plan.json written by layer selection, or a pattern such as "SLLLS"
     plan: str = "???"
     output: str = "???"
-    sparse_config: Optional[dict[str, Any]] = None
+    # InfLLM-V2 settings of the student (empty: the released ones, SPEC 2.4)
+    sparse_config: dict[str, Any] = field(default_factory=dict)
     # aligned lightning students from the selection run (safetensors file or directory)
     aligned: Optional[str] = None
     verify: bool = False
