@@ -227,8 +227,8 @@ class CheckpointReader:
     ``path`` is a directory holding ``model.safetensors.index.json`` or ``model.safetensors`` (if both are
     there the single file wins, as in transformers), a path to the index file, or a path to any single
     ``.safetensors`` file. Opening reads every header and raises if the checkpoint is incomplete; tensor
-    data is read only by ``get_tensor`` / ``iter_tensors``. Shard files stay open (memory-mapped) once
-    used, until ``close()``; use it as ``with CheckpointReader(path) as reader:``.
+    data is read only by ``get_tensor`` / ``iter_tensors``, with plain reads (no memory map, no file left
+    open). ``with CheckpointReader(path) as reader:`` works as well.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -257,7 +257,7 @@ class CheckpointReader:
             for name in sorted(shard_names[file]):
                 shape, dtype = header[name]
                 self._tensors[name] = TensorInfo(name, shape, dtype, file)
-        self._handles: dict[Path, object] = {}  # shard path -> open safe_open handle
+        self._ranges: dict[Path, dict[str, tuple[int, int]]] = {}  # shard path -> tensor name -> byte range
 
     def _locate_weight_map(self) -> dict[str, Path]:
         """Find the index or the single file and return {tensor name: path of the file holding it}."""
@@ -331,33 +331,50 @@ class CheckpointReader:
 
     # -- tensor data -------------------------------------------------------------------------------------
 
-    def _handle(self, file: Path):
-        if file not in self._handles:
-            self._handles[file] = safe_open(str(file), framework="pt", device="cpu")
-        return self._handles[file]
-
     def get_tensor(self, name: str) -> torch.Tensor:
-        """Read one tensor (on CPU, with its stored dtype); nothing else is read."""
+        """Read one tensor (on CPU, with its stored dtype); nothing else is read.
+
+        Plain positioned reads into fresh memory rather than the library's memory map: pages of a mapped
+        shard stay resident (and count in the process's RSS) until the map is closed, so streaming a
+        16 GB checkpoint through a map costs up to a whole shard of RAM; here a tensor's memory goes
+        when the caller drops it.
+        """
         info = self.info(name)
-        return self._handle(info.file).get_tensor(name)
+        begin, end = self._data_range(info.file, name)
+        if end == begin:
+            return torch.empty(info.shape, dtype=info.dtype)
+        buffer = bytearray(end - begin)
+        with open(info.file, "rb") as f:
+            f.seek(begin)
+            if f.readinto(buffer) != len(buffer):
+                raise CorruptCheckpointError(f"{info.file}: tensor '{name}' ends past the end of the file; "
+                                             "the file is truncated")
+        return torch.frombuffer(buffer, dtype=info.dtype).reshape(info.shape)
+
+    def _data_range(self, file: Path, name: str) -> tuple[int, int]:
+        """Absolute byte range of a tensor's data in its file (from the header, cached per file)."""
+        if file not in self._ranges:
+            with open(file, "rb") as f:
+                (header_len,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(header_len))
+            start = 8 + header_len
+            self._ranges[file] = {key: (start + entry["data_offsets"][0], start + entry["data_offsets"][1])
+                                  for key, entry in header.items() if key != "__metadata__"}
+        return self._ranges[file][name]
 
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield (name, tensor) for every tensor, shard by shard, one tensor in memory at a time.
 
-        Each shard is opened for the loop and closed after it, so the memory map of a finished shard is
-        released even when the caller keeps the reader open.
+        Reads go through ``get_tensor`` (no memory map), so memory is one tensor at a time.
         """
         for file in self.files:
-            names = [name for name, info in self._tensors.items() if info.file == file]
-            with safe_open(str(file), framework="pt", device="cpu") as f:
-                for name in names:
-                    yield name, f.get_tensor(name)
+            for name in [name for name, info in self._tensors.items() if info.file == file]:
+                yield name, self.get_tensor(name)
 
     def close(self) -> None:
-        """Release every open shard. The reader stays usable: later reads reopen shards as needed."""
-        for handle in self._handles.values():
-            handle.__exit__(None, None, None)
-        self._handles.clear()
+        """Forget the cached header offsets; no file stays open between reads, so there is nothing else to
+        release. The reader stays usable."""
+        self._ranges.clear()
 
     def __enter__(self) -> CheckpointReader:
         return self
