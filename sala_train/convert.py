@@ -2,7 +2,7 @@
 
     python -m sala_train.convert teacher=runs/teacher plan=runs/select/plan.json output=runs/student
     python -m sala_train.convert teacher=runs/teacher plan=SLLS output=runs/student   # a pattern works too
-    python -m sala_train.convert teacher=runs/teacher plan=SLLS output=runs/check verify=true
+    python -m sala_train.convert teacher=runs/teacher plan=SLLS output=runs/check verify=true stats=true
 """
 
 from __future__ import annotations
@@ -34,6 +34,9 @@ class ConvertConfig:
     dtype: Optional[str] = None
     max_shard_size: str = "2GB"
     overwrite: bool = False
+    # after converting: per-layer hidden-state statistics of student vs teacher on sample text
+    # (printed, and written to <output>/layer_stats.csv)
+    stats: bool = False
 
 
 def load_plan(plan: str):
@@ -53,6 +56,12 @@ def _main(cfg) -> None:
                      overwrite=cfg.overwrite)
     print(f"wrote {cfg.output}: {len(report.mapped)} tensors mapped, {len(report.created)} created, "
           f"{len(report.dropped)} dropped (conversion_report.md)")
+    if cfg.stats:
+        from sala_train.conversion import format_layer_statistics, layer_statistics, write_layer_statistics
+
+        stats = layer_statistics(cfg.teacher, cfg.output)
+        write_layer_statistics(stats, Path(cfg.output) / "layer_stats.csv")
+        print(format_layer_statistics(stats))
 
 
 def main() -> None:

@@ -139,3 +139,20 @@ def test_cli(teacher, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "tensors mapped" in done.stdout
     assert MiniCPMSALAForCausalLM.from_pretrained(tmp_path / "student").config.mixer_types[0] == "minicpm4"
+
+
+def test_layer_statistics(teacher, tmp_path):
+    from sala_train.conversion import format_layer_statistics, layer_statistics, write_layer_statistics
+
+    convert(teacher, PLAN, tmp_path / "check", verify=True, progress=False)
+    exact = layer_statistics(teacher, tmp_path / "check", seq_len=64, num_sequences=2)
+    assert len(exact["layers"]) == 5  # embeddings + 4 layers
+    assert max(r["rel_rms"] for r in exact["layers"]) < 1e-5 and exact["output"]["top1_agreement"] == 1.0
+    convert(teacher, PLAN, tmp_path / "student", progress=False)
+    stats = layer_statistics(teacher, tmp_path / "student", seq_len=64, num_sequences=2)
+    assert stats["layers"][0]["rel_rms"] == 0.0  # same embeddings
+    assert stats["layers"][1]["rel_rms"] > 1e-3  # layer 0 gained an output gate and lost RoPE
+    assert stats["output"]["kl"] > 0
+    csv_file = write_layer_statistics(stats, tmp_path / "layer_stats.csv")
+    assert csv_file.read_text().splitlines()[0] == "layer,rel_rms,cosine"
+    assert "top-1 agreement" in format_layer_statistics(stats)
