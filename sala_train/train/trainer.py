@@ -229,7 +229,8 @@ class Trainer:
             step += 1
             state["global_step"] += 1
             elapsed = time.perf_counter() - started
-            record = {"stage": stage.name, "stage_index": index, "step": step, "global_step": state["global_step"],
+            record = {"stage": stage.name, "stage_index": index, "loss_kind": stage.loss, "step": step,
+                      "global_step": state["global_step"],
                       "loss": float(total_loss), "lr": lr, "grad_norm": float(grad_norm), "skipped": not finite,
                       "tokens_per_s": tokens_per_step / max(elapsed, 1e-9)}
             if step % max(stage.log_every, 1) == 0 or step == steps:
@@ -268,7 +269,8 @@ class Trainer:
 
 
 def plot_losses(metrics_file: Path, out: Path) -> Path | None:
-    """Loss per global step, one colour per stage, from metrics.jsonl."""
+    """Loss per global step from metrics.jsonl: one panel per kind of loss (KL and cross-entropy live on
+    different scales), one colour per stage."""
     if not metrics_file.exists():
         return None
     import matplotlib
@@ -277,14 +279,17 @@ def plot_losses(metrics_file: Path, out: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
-    fig, ax = plt.subplots(figsize=(8, 4))
-    for stage in dict.fromkeys(r["stage"] for r in records):
-        rows = [r for r in records if r["stage"] == stage]
-        ax.plot([r["global_step"] for r in rows], [r["loss"] for r in rows], label=stage)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss")
-    ax.legend()
-    ax.grid(alpha=0.3)
+    kinds = list(dict.fromkeys(r.get("loss_kind", "loss") for r in records))
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 4), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        rows_of_kind = [r for r in records if r.get("loss_kind", "loss") == kind]
+        for stage in dict.fromkeys(r["stage"] for r in rows_of_kind):
+            rows = [r for r in rows_of_kind if r["stage"] == stage]
+            ax.plot([r["global_step"] for r in rows], [r["loss"] for r in rows], marker=".", label=stage)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(f"training loss ({kind})")
+        ax.legend()
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
