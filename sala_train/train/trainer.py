@@ -68,6 +68,25 @@ class Trainer:
         self.metrics_file = self.run_dir / "metrics.jsonl"
         self.wandb = None
         self.teacher = None
+        self._check_trainable_patterns()
+
+    def _check_trainable_patterns(self) -> None:
+        """Every stage's trainable / frozen pattern must match a parameter of the student: checked on a
+        meta-device copy built from config.json, so a typo fails before any weights or data are loaded."""
+        from ..models.sala import MiniCPMSALAForCausalLM
+        from .params import TrainableSelectionError, match_parameters
+
+        config = MiniCPMSALAForCausalLM.load_config(self.cfg.student)
+        with torch.device("meta"):
+            skeleton = MiniCPMSALAForCausalLM(config)
+        for stage in self.cfg.stages:
+            for key, patterns in (("trainable", stage.trainable), ("frozen", stage.frozen)):
+                for pattern in patterns:
+                    if not match_parameters(skeleton, pattern):
+                        raise TrainableSelectionError(
+                            f"stages[{stage.name}].{key}: pattern {pattern!r} matches no parameter of "
+                            f"{self.cfg.student} (shortcuts: all, lightning, sparse, mixers, mlp, norms, "
+                            f"embeddings; or a glob over names like model.layers.0.self_attn.q_proj.weight)")
 
     # -- helpers ------------------------------------------------------------------------------------
     def _barrier(self):
@@ -247,6 +266,9 @@ class Trainer:
                                                   "global_step": state["global_step"], "bad_steps": 0})
         if stage.export and self.rank == 0:
             model.save_pretrained(self.run_dir / "export" / stage.name, tokenizer=self.tokenizer)
+        if self.cfg.eval_lengths and self.rank == 0:
+            self._log({"stage": stage.name, "stage_index": index, "global_step": state["global_step"],
+                       **evaluate_at_lengths(model, self.tokenizer, self.cfg.eval_lengths)})
         self._barrier()
         return model
 
@@ -268,6 +290,29 @@ class Trainer:
         self._barrier()
 
 
+@torch.no_grad()
+def evaluate_at_lengths(model, tokenizer, lengths, *, num_sequences: int = 2, text_file=None) -> dict[str, float]:
+    """Stage-end evaluation: held-out loss and passkey retrieval (mean answer log-probability) at each
+    context length, on the text committed with sala-train unless ``text_file`` is given."""
+    from ..layer_selection.corpus import load_corpus
+    from ..layer_selection.tasks import HeldoutLoss, passkey_examples, score_answers
+    from ..tokenizer import DEFAULT_SAMPLE_TEXT
+
+    was_training = model.training
+    model.eval()
+    corpus = load_corpus([text_file or DEFAULT_SAMPLE_TEXT], tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    results = {}
+    for length in lengths:
+        if corpus.heldout_tokens.numel() >= length:
+            results[f"eval/loss@{length}"] = HeldoutLoss(corpus.heldout_tokens, length, num_sequences, 1)(
+                model, tokenizer)["loss"]
+        examples = passkey_examples(tokenizer, num_sequences, length, seed=0)
+        results[f"eval/passkey_logprob@{length}"] = score_answers(model, examples, 1, pad)["logprob"]
+    model.train(was_training)
+    return results
+
+
 def plot_losses(metrics_file: Path, out: Path) -> Path | None:
     """Loss per global step from metrics.jsonl: one panel per kind of loss (KL and cross-entropy live on
     different scales), one colour per stage."""
@@ -278,7 +323,8 @@ def plot_losses(metrics_file: Path, out: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    records = [r for r in (json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip())
+               if "loss" in r]
     kinds = list(dict.fromkeys(r.get("loss_kind", "loss") for r in records))
     fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 4), squeeze=False)
     for ax, kind in zip(axes[0], kinds):

@@ -58,7 +58,7 @@ def make_config(checkpoints, run_dir, **overrides) -> TrainConfig:
 
 def losses(run_dir) -> dict[int, float]:
     records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return {r["global_step"]: r["loss"] for r in records}
+    return {r["global_step"]: r["loss"] for r in records if "loss" in r}
 
 
 class Killed(Exception):
@@ -66,9 +66,13 @@ class Killed(Exception):
 
 
 def test_runs_every_stage_and_exports(checkpoints, tmp_path):
-    Trainer(make_config(checkpoints, tmp_path / "run")).run()
+    Trainer(make_config(checkpoints, tmp_path / "run", eval_lengths=[128, 256])).run()
     curve = losses(tmp_path / "run")
     assert sorted(curve) == list(range(1, 5))  # 2 + 2 optimizer steps
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "eval/loss@256" in r]
+    assert [r["stage"] for r in evals] == ["align", "long"]  # after each stage
+    assert all(r["eval/passkey_logprob@128"] < 0 for r in evals)
     assert (tmp_path / "run" / "export" / "long" / "config.json").exists()
     assert (tmp_path / "run" / "loss_curve.png").stat().st_size > 1000
 
@@ -128,6 +132,16 @@ def test_impossible_recipes_fail_before_loading(checkpoints, tmp_path, change, m
     assert not (tmp_path / "bad").exists()
 
 
+def test_unknown_trainable_pattern_fails_before_loading(checkpoints, tmp_path, monkeypatch):
+    from sala_train.train.params import TrainableSelectionError
+
+    cfg = make_config(checkpoints, tmp_path / "typo")
+    cfg.stages[0].trainable = ["lightnin*"]
+    monkeypatch.setattr(Trainer, "_load_student", lambda *a: pytest.fail("loaded the model"))
+    with pytest.raises(TrainableSelectionError, match="lightnin"):
+        Trainer(cfg)
+
+
 def test_kl_without_teacher_is_refused(checkpoints, tmp_path):
     with pytest.raises(RecipeError, match="needs a teacher"):
         Trainer(make_config(checkpoints, tmp_path / "x", teacher=None))
@@ -141,3 +155,30 @@ def test_every_experiment_recipe_composes_and_validates(experiment):
     train_cfg = OmegaConf.to_object(cfg)
     assert isinstance(train_cfg, TrainConfig) and train_cfg.stages
     train_cfg.validate(data_parallel_size=1)
+
+
+def test_minicpm_sala_8b_recipe_is_the_paper_stage_table():
+    register_configs()
+    with initialize_config_module(config_module="sala_train.recipes", version_base="1.3"):
+        cfg = OmegaConf.to_object(compose("train", overrides=["+experiment=minicpm_sala_8b", "student=s", "teacher=t",
+                                                               "run_dir=r"]))
+    table = [(s.name, s.seq_len, s.tokens, s.sparse, s.schedule.lr, s.schedule.final_lr) for s in cfg.stages]
+    assert table == [
+        ("conversion", 512, 1_300_000_000, False, 1e-3, 1e-5),
+        ("stable", 4096, 314_600_000_000, False, 7.5e-3, None),
+        ("short_decay", 4096, 1_006_600_000_000, False, 7.5e-3, 3.75e-4),
+        ("long_32k", 32768, 102_200_000_000, True, 3e-4, 2e-4),
+        ("long_160k", 163840, 62_900_000_000, True, 2e-4, 1e-4),
+        ("long_520k", 532480, 50_600_000_000, True, 1e-4, 3.75e-5),
+        ("sft_64k", 65536, 204_500_000_000, True, 1e-3, 1e-4),
+        ("sft_140k", 143360, 213_300_000_000, True, 1e-3, 1e-4),
+    ]
+    assert cfg.stages[0].trainable == ["lightning"] and cfg.stages[1].trainable == ["all"]
+    assert cfg.stages[1].schedule.warmup_steps == 2000 and cfg.stages[6].schedule.warmup_steps == 1000
+    # global batches within 1% of the paper's (7.8M, 9.8M, 10.1M, 15.7M, 17.8M tokens) on 8 ranks
+    paper = {"stable": 7.8e6, "long_160k": 9.8e6, "long_520k": 10.1e6, "sft_64k": 15.7e6, "sft_140k": 17.8e6}
+    for stage in cfg.stages:
+        if stage.name in paper:
+            assert abs(stage.global_batch_tokens / paper[stage.name] - 1) < 0.01
+    accumulation, steps = cfg.stages[1].plan(data_parallel_size=8)
+    assert (accumulation, steps) == (238, 40_340)
