@@ -1,6 +1,7 @@
 """`make demo`: the whole pipeline on CPU at toy scale, each step through its own command line.
 
-    tiny teacher -> HALO layer selection -> conversion -> every training stage (2 processes, torchrun + gloo)
+    tiny teacher -> HALO layer selection -> conversion -> every training stage (2 processes: torchrun,
+    DeepSpeed ZeRO-2, gloo)
     -> HF export -> generation -> evaluation (held-out loss by length, passkey retrieval), summary table
 
 Run: python -m sala_train.demo [OUT_DIR]   (default runs/demo; the folder is replaced)
@@ -72,7 +73,7 @@ def main() -> None:
         str(bin_dir / "sala-convert"), f"teacher={out / 'teacher'}", f"plan={out / 'select' / 'plan.json'}",
         f"aligned={out / 'select' / 'students.safetensors'}", f"output={out / 'student'}",
         f"++sparse_config={SPARSE}"], env)
-    times["training"] = step("4/6 every stage, 2 data-parallel processes (torchrun, gloo)", [
+    times["training"] = step("4/6 every stage, 2 processes (torchrun, DeepSpeed ZeRO-2, gloo)", [
         py, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517", "-m", "sala_train.train",
         "+experiment=tiny_cpu", f"student={out / 'student'}", f"teacher={out / 'teacher'}",
         f"run_dir={out / 'train'}", "logging.progress=false"], env)

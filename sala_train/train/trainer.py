@@ -3,8 +3,11 @@
     trainer = Trainer(cfg)      # validates the recipe before touching a model or data
     trainer.run()               # every stage from cfg.start_stage (or from the latest checkpoint), in order
 
-Backends: "torch" (one process, or DDP under torchrun: gloo on CPU, NCCL on GPU). A killed run restarted
-with the same command continues from its latest checkpoint with the same batches and losses.
+Backends (``backend.name``): "torch" (one process, or DDP under torchrun: gloo on CPU, NCCL on GPU) and
+"deepspeed" (ZeRO 1/2/3, sala_train.parallel.deepspeed). A backend is one small object per stage that owns
+the optimizer and the wrapping; the loop only calls its hooks (accumulating, backward, step, save, load,
+full_weights, close). A killed run restarted with the same command continues from its latest checkpoint with
+the same batches and losses.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch.distributed as dist
 
 from ..checkpoint import atomic_directory, write_json_atomic
 from ..data.loader import PackedLoader
-from .config import RecipeError, StageConfig, TrainConfig
+from .config import BackendConfig, RecipeError, StageConfig, TrainConfig
 from .losses import kl_distillation, next_token_mask
 from .params import param_groups, select_trainable
 from .schedules import build_schedule, set_learning_rate
@@ -47,11 +50,76 @@ def set_sparse(model, on: bool) -> None:
             module.sparse_config["dense_len"] = dense_len
 
 
+class TorchBackend:
+    """AdamW in this process; DDP across processes under torchrun (gloo on CPU, NCCL on GPU)."""
+
+    keeps_model = True  # the module goes on to the next stage as it is
+
+    def __init__(self, model, groups: list[dict], stage: StageConfig, accumulation: int, *, world_size: int,
+                 device: torch.device, config: BackendConfig):
+        opt = stage.optimizer
+        self.module = model
+        self.optimizer = torch.optim.AdamW(groups, lr=stage.schedule.lr, betas=tuple(opt.betas), eps=opt.eps)
+        self.grad_clip = opt.grad_clip
+        self.model = model  # what the loss calls
+        if world_size > 1:
+            self.model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=None if device.type == "cpu" else [device.index])
+
+    def accumulating(self, last_micro_batch: bool):
+        # DDP all-reduces the gradients once, after the last micro-batch of the step
+        return nullcontext() if last_micro_batch or self.model is self.module else self.model.no_sync()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self, loss_finite: bool) -> tuple[float, bool]:
+        """Clip, then AdamW unless the loss or the gradient is not finite: (norm before clipping, applied)."""
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in self.module.parameters() if p.requires_grad],
+                                                   self.grad_clip if self.grad_clip > 0 else float("inf"))
+        applied = loss_finite and bool(torch.isfinite(grad_norm))
+        if applied:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(grad_norm), applied
+
+    def full_weights(self):
+        return nullcontext()  # every rank holds the full model
+
+    def save(self, directory: Path) -> None:
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
+
+    def load(self, directory: Path) -> None:
+        self.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=False))
+
+    def close(self) -> None:
+        pass
+
+
+def backend_class(config: BackendConfig):
+    """The backend class of ``backend.name``, once the settings are known to be possible (RecipeError if not).
+    DeepSpeed is imported only when it is the one asked for."""
+    if config.name == "torch":
+        for key in ("bf16", "offload_optimizer"):
+            if getattr(config, key):
+                raise RecipeError(f"backend.{key} = true needs backend.name=deepspeed; the torch backend trains in "
+                                  "fp32 with the optimizer on the device")
+        return TorchBackend
+    if config.name == "deepspeed":
+        from ..parallel.deepspeed import DeepSpeedBackend, check_config
+
+        check_config(config)
+        return DeepSpeedBackend
+    raise RecipeError(f"backend.name = {config.name!r} is not implemented in the trainer yet; use torch or deepspeed")
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         cfg.validate(self.world)  # impossible recipes fail here, before any model or data work
+        self.backend_class = backend_class(cfg.backend)
         if self.world > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         self.rank = dist.get_rank() if dist.is_initialized() else 0
@@ -144,20 +212,33 @@ class Trainer:
         found = sorted(p for p in self.checkpoints.glob("stage-*-step-*") if (p / "trainer_state.json").exists())
         return found[-1] if found else None
 
-    def save_checkpoint(self, model, optimizer, loader, state: dict) -> Path:
-        """model (HF layout), optimizer, loader position, RNG and counters in one atomically written folder."""
+    def save_checkpoint(self, backend, loader, state: dict, optimizer: bool = True) -> Path:
+        """model (HF layout), optimizer (optimizer=False: left out), loader position, RNG and counters in one
+        atomically written folder. Every rank calls it: a backend may write one file per rank (ZeRO shards),
+        first into a scratch folder beside the checkpoints (a filesystem all ranks share) that rank 0 then
+        moves into the staging folder it renames into place."""
         name = f"stage-{state['stage_index']:02d}-step-{state['step']:08d}"
         path = self.checkpoints / name
         loader_state = loader.state_dict() if loader is not None else None
+        scratch = self.checkpoints / f".{name}.backend"
         if self.rank == 0:
-            with atomic_directory(path) as staging:
-                model.save_pretrained(staging / "model")
-                if optimizer is not None:
-                    torch.save(optimizer.state_dict(), staging / "optimizer.pt")
-                torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, staging / "rng.pt")
-                write_json_atomic(staging / "trainer_state.json", {**state, "loader": loader_state})
-            for old in sorted(self.checkpoints.glob("stage-*-step-*"))[: -self.cfg.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(scratch, ignore_errors=True)  # left by a run killed while saving
+            scratch.mkdir()
+        self._barrier()
+        if optimizer:
+            backend.save(scratch)
+        self._barrier()
+        with backend.full_weights():
+            if self.rank == 0:
+                with atomic_directory(path) as staging:
+                    backend.module.save_pretrained(staging / "model")
+                    for entry in scratch.iterdir():
+                        entry.rename(staging / entry.name)
+                    torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, staging / "rng.pt")
+                    write_json_atomic(staging / "trainer_state.json", {**state, "loader": loader_state})
+                scratch.rmdir()
+                for old in sorted(self.checkpoints.glob("stage-*-step-*"))[: -self.cfg.keep_last]:
+                    shutil.rmtree(old, ignore_errors=True)
         self._barrier()
         return path
 
@@ -187,8 +268,9 @@ class Trainer:
         set_sparse(model, stage.sparse)
         select_trainable(model, stage.trainable, stage.frozen)
         opt = stage.optimizer
-        optimizer = torch.optim.AdamW(param_groups(model, stage.schedule.lr, opt.weight_decay, mup=opt.mup),
-                                      lr=stage.schedule.lr, betas=tuple(opt.betas), eps=opt.eps)
+        backend = self.backend_class(model, param_groups(model, stage.schedule.lr, opt.weight_decay, mup=opt.mup),
+                                     stage, accumulation, world_size=self.world, device=self.device,
+                                     config=cfg.backend)
         schedule = build_schedule(replace(stage.schedule, total_steps=stage.schedule.total_steps or steps))
         data_cfg = replace(stage.data, seq_len=stage.seq_len, batch_size=stage.micro_batch_size,
                            seed=stage.data.seed + 1000 * index)
@@ -197,17 +279,13 @@ class Trainer:
         if resume is not None:
             path, saved = resume
             step = saved["step"]
-            optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+            backend.load(path)
             loader.load_state_dict(saved["loader"])
             rng = torch.load(path / "rng.pt", weights_only=False)
             torch.set_rng_state(rng["torch"])
             random.setstate(rng["python"])
         else:
             torch.manual_seed(cfg.seed + index)
-        wrapped = model
-        if self.world > 1:
-            wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=None if self.device.type == "cpu"
-                                                                else [self.device.index])
         teacher = self._load_teacher() if "kl" in stage.loss else None
         progress = None
         if cfg.logging.progress and self.rank == 0:
@@ -219,24 +297,19 @@ class Trainer:
         while step < steps:
             started = time.perf_counter()
             lr = schedule.lr_at(step)
-            set_learning_rate(optimizer, lr)
-            optimizer.zero_grad(set_to_none=True)
+            set_learning_rate(backend.optimizer, lr)
             total_loss = 0.0
             for micro in range(accumulation):
                 batch = {k: v.to(self.device) for k, v in next(loader).items()}
-                sync = micro == accumulation - 1 or self.world == 1
-                with nullcontext() if sync else wrapped.no_sync():
-                    loss = self._loss(wrapped, teacher, batch, stage) / accumulation
-                    loss.backward()
+                with backend.accumulating(micro == accumulation - 1):
+                    loss = self._loss(backend.model, teacher, batch, stage) / accumulation
+                    backend.backward(loss)
                 total_loss += loss.detach()
-            grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
-                                                       opt.grad_clip if opt.grad_clip > 0 else float("inf"))
             if self.world > 1:
                 dist.all_reduce(total_loss)
                 total_loss /= self.world
-            finite = bool(torch.isfinite(total_loss)) and bool(torch.isfinite(grad_norm))
+            grad_norm, finite = backend.step(loss_finite=bool(torch.isfinite(total_loss)))
             if finite:
-                optimizer.step()
                 bad = 0
             else:
                 bad += 1
@@ -258,12 +331,16 @@ class Trainer:
                 progress.update(1)
                 progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
             if stage.save_every and step % stage.save_every == 0 and step < steps:
-                self.save_checkpoint(model, optimizer, loader, {"stage_index": index, "step": step,
-                                                                 "global_step": state["global_step"], "bad_steps": bad})
+                self.save_checkpoint(backend, loader, {"stage_index": index, "step": step,
+                                                       "global_step": state["global_step"], "bad_steps": bad})
         if progress is not None:
             progress.close()
-        self.save_checkpoint(model, None, None, {"stage_index": index + 1, "step": 0,
-                                                  "global_step": state["global_step"], "bad_steps": 0})
+        path = self.save_checkpoint(backend, None, {"stage_index": index + 1, "step": 0,
+                                                    "global_step": state["global_step"], "bad_steps": 0},
+                                    optimizer=False)
+        backend.close()
+        if not backend.keeps_model:  # the backend hooked or partitioned the module: go on from the saved weights
+            model = self._load_student(path / "model")
         if stage.export and self.rank == 0:
             model.save_pretrained(self.run_dir / "export" / stage.name, tokenizer=self.tokenizer)
         if self.cfg.eval_lengths and self.rank == 0:

@@ -82,17 +82,19 @@ def test_resume_continues_with_the_same_losses(checkpoints, tmp_path, monkeypatc
     expected = losses(tmp_path / "full")
 
     original = Trainer._log
-    def log_then_die(self, record):  # the process dies right after logging global step 3
+    def log_then_die(self, record):  # the process dies right after logging global step 4 (stage 2, step 2)
         original(self, record)
-        if record["global_step"] == 3:
+        if record.get("global_step") == 4 and "loss" in record:
             raise Killed()
     monkeypatch.setattr(Trainer, "_log", log_then_die)
     with pytest.raises(Killed):
         Trainer(make_config(checkpoints, tmp_path / "killed")).run()
     monkeypatch.setattr(Trainer, "_log", original)
-    # the checkpoint of step 3 was not written yet (saved after logging): the restart redoes step 3
+    # the last checkpoint is mid-stage (stage 2 after its step 1: model, optimizer, data position); step 4
+    # was logged but not saved, so the restart redoes it from that state
+    assert (tmp_path / "killed" / "checkpoints" / "stage-01-step-00000001" / "optimizer.pt").exists()
     lines = (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
-    (tmp_path / "killed" / "metrics.jsonl").write_text("\n".join(lines[:2]) + "\n")
+    (tmp_path / "killed" / "metrics.jsonl").write_text("\n".join(lines[:3]) + "\n")
     Trainer(make_config(checkpoints, tmp_path / "killed")).run()
     resumed = losses(tmp_path / "killed")
     assert resumed.keys() == expected.keys()
