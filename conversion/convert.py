@@ -15,9 +15,7 @@ Every tensor mapped, created or dropped goes into ``conversion_report.json`` / `
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
