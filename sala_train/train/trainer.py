@@ -292,6 +292,8 @@ class Trainer:
 
             progress = tqdm(total=steps, initial=step, desc=f"stage {index} {stage.name}", unit="step")
         tokens_per_step = stage.seq_len * stage.micro_batch_size * self.world * accumulation
+        flops_per_token = training_flops_per_token(model, stage.seq_len)
+        peak = (peak_flops(self.device) or 0.0) * self.world
         bad = state.get("bad_steps", 0)
         while step < steps:
             started = time.perf_counter()
@@ -324,6 +326,9 @@ class Trainer:
                       "global_step": state["global_step"],
                       "loss": float(total_loss), "lr": lr, "grad_norm": float(grad_norm), "skipped": not finite,
                       "tokens_per_s": tokens_per_step / max(elapsed, 1e-9)}
+            record["model_tflops"] = record["tokens_per_s"] * flops_per_token / 1e12
+            if peak:
+                record["mfu"] = record["tokens_per_s"] * flops_per_token / peak
             if step % max(stage.log_every, 1) == 0 or step == steps:
                 self._log(record)
             if progress is not None:
@@ -364,6 +369,33 @@ class Trainer:
         if self.wandb is not None:
             self.wandb.finish()
         self._barrier()
+
+
+# bf16 dense tensor-core peaks (FLOP/s) by device name; MFU is reported where the card is known
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "H800": 989e12, "B200": 2250e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+def training_flops_per_token(model, seq_len: int) -> float:
+    """Model FLOPs of one trained token: 6 x parameters (forward + backward matmuls; embeddings excluded), plus
+    the mixers' sequence terms: causal softmax attention 6 * 2 * T/2 * H*d per sparse layer (dense bound; the
+    sparse kernels do less), and the lightning chunked form ~ 6 * 2 * 2 * d * H*d per lightning layer."""
+    config = model.config
+    params = sum(p.numel() for name, p in model.named_parameters() if "embed_tokens" not in name)
+    flops = 6.0 * params
+    inner = config.num_attention_heads * config.head_dim
+    for kind in getattr(config, "mixer_types", ["minicpm4"] * config.num_hidden_layers):
+        if kind == "lightning-attn":
+            flops += 6 * 4 * config.lightning_head_dim * config.lightning_nh * config.lightning_head_dim
+        else:
+            flops += 6 * 2 * (seq_len / 2) * inner
+    return flops
 
 
 @torch.no_grad()

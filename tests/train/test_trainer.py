@@ -73,6 +73,9 @@ def test_runs_every_stage_and_exports(checkpoints, tmp_path):
     evals = [r for r in records if "eval/loss@256" in r]
     assert [r["stage"] for r in evals] == ["align", "long"]  # after each stage
     assert all(r["eval/passkey_logprob@128"] < 0 for r in evals)
+    steps = [r for r in records if "loss" in r]
+    assert all(r["tokens_per_s"] > 0 and r["model_tflops"] > 0 for r in steps)
+    assert "mfu" not in steps[0]  # no known peak on a CPU
     assert (tmp_path / "run" / "export" / "long" / "config.json").exists()
     assert (tmp_path / "run" / "loss_curve.png").stat().st_size > 1000
 
