@@ -5,75 +5,41 @@ the same losses, and export full weights that load.
 All DeepSpeed runs share one pair of processes (the ``runs`` fixture): starting processes that import torch,
 transformers and DeepSpeed costs more than the tiny runs themselves.
 
-The tiny teacher/student and the two stages are those of test_trainer.py (duplicated: test modules do not
-import each other). The student has width multiplier hidden_size / dim_model_base = 2, so the muP groups
+The tiny teacher/student and the two stages are those of test_trainer.py (sala_train.testing.training). The
+student has width multiplier hidden_size / dim_model_base = 2, so the muP groups
 train at different LRs: a backend that dropped lr_scale would leave the torch curve from step 2 on.
 """
 
-import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
 
-from sala_train.conversion import convert
-from sala_train.data.config import DataConfig, SourceConfig
-from sala_train.layer_selection import LayerPlan
-from sala_train.make_teacher import make_teacher
-from sala_train.models import MiniCPMConfig
 from sala_train.testing import assert_close, requires_module, run_distributed
-from sala_train.tokenizer import DEFAULT_SAMPLE_TEXT
+from sala_train.testing.training import make_tiny_checkpoints, read_losses, read_metrics, tiny_train_config
 from sala_train.train.config import BackendConfig, RecipeError, StageConfig, TrainConfig
-from sala_train.train.schedules import ScheduleConfig
 from sala_train.train.trainer import Trainer
 
 pytestmark = requires_module("deepspeed")
 
-TINY_SPARSE = dict(kernel_size=8, kernel_stride=4, block_size=16, window_size=32, topk=2, dense_len=96)
 ZERO_STAGES = (1, 2, 3)
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpt")
-    config = MiniCPMConfig(vocab_size=4096, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=512,
-                           scale_emb=12.0, scale_depth=1.4, dim_model_base=16, eos_token_id=[2, 4])
-    make_teacher(config, root / "teacher", progress=False)
-    convert(root / "teacher", LayerPlan.parse("SL"), root / "student", sparse_config=TINY_SPARSE, progress=False)
-    return root
+    return make_tiny_checkpoints(tmp_path_factory.mktemp("ckpt"))
 
 
 def make_config(checkpoints: Path, run_dir: Path, backend: BackendConfig) -> TrainConfig:
-    """test_trainer.py's two stages: KL alignment of the lightning mixer only, then everything with CE,
-    sparse on; accumulation 2 on one process, 1 on two. A checkpoint after every step."""
-    data = DataConfig(sources=[SourceConfig(path=str(DEFAULT_SAMPLE_TEXT), type="text")],
-                      cache_dir=str(checkpoints / "data_cache"))
-    stages = [
-        StageConfig(name="align", trainable=["lightning"], loss="kl", seq_len=32, tokens=256, global_batch_tokens=128,
-                    micro_batch_size=2, schedule=ScheduleConfig(kind="cosine", lr=1e-3, final_lr=1e-4), data=data,
-                    save_every=1, export=False),
-        StageConfig(name="long", seq_len=128, tokens=512, global_batch_tokens=256, micro_batch_size=1, sparse=True,
-                    schedule=ScheduleConfig(kind="exponential", lr=1e-3, final_lr=1e-4), data=data, save_every=1),
-    ]
-    cfg = TrainConfig(student=str(checkpoints / "student"), teacher=str(checkpoints / "teacher"), run_dir=str(run_dir),
-                      stages=stages, keep_last=50, backend=backend)
-    cfg.logging.wandb = "disabled"
-    cfg.logging.progress = False
-    return cfg
+    return tiny_train_config(checkpoints, run_dir, backend=backend)
 
 
 def deepspeed(zero_stage: int) -> BackendConfig:
     return BackendConfig(name="deepspeed", zero_stage=zero_stage)
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    return {r["global_step"]: r["loss"] for r in read_metrics(run_dir)}
+losses = read_losses
 
 
 class Killed(Exception):

@@ -9,56 +9,22 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 from sala_train.config import register_configs
-from sala_train.conversion import convert
-from sala_train.data.config import DataConfig, SourceConfig
-from sala_train.layer_selection import LayerPlan
-from sala_train.make_teacher import make_teacher
-from sala_train.models import MiniCPMConfig
 from sala_train.testing import run_distributed
-from sala_train.tokenizer import DEFAULT_SAMPLE_TEXT
-from sala_train.train.config import RecipeError, StageConfig, TrainConfig
-from sala_train.train.schedules import ScheduleConfig
+from sala_train.testing.training import make_tiny_checkpoints, read_losses, tiny_train_config
+from sala_train.train.config import RecipeError, TrainConfig
 from sala_train.train.trainer import Trainer
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
-TINY_SPARSE = dict(kernel_size=8, kernel_stride=4, block_size=16, window_size=32, topk=2, dense_len=96)
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpt")
-    config = MiniCPMConfig(vocab_size=4096, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=512,
-                           scale_emb=12.0, scale_depth=1.4, dim_model_base=16, eos_token_id=[2, 4])
-    make_teacher(config, root / "teacher", progress=False)
-    convert(root / "teacher", LayerPlan.parse("SL"), root / "student", sparse_config=TINY_SPARSE, progress=False)
-    return root
-
-
-def stages(cache: Path) -> list[StageConfig]:
-    data = DataConfig(sources=[SourceConfig(path=str(DEFAULT_SAMPLE_TEXT), type="text")], cache_dir=str(cache))
-    return [
-        StageConfig(name="align", trainable=["lightning"], loss="kl", seq_len=32, tokens=256, global_batch_tokens=128,
-                    micro_batch_size=2, schedule=ScheduleConfig(kind="cosine", lr=1e-3, final_lr=1e-4), data=data,
-                    save_every=1, export=False),
-        StageConfig(name="long", seq_len=128, tokens=512, global_batch_tokens=256, micro_batch_size=1, sparse=True,
-                    schedule=ScheduleConfig(kind="exponential", lr=1e-3, final_lr=1e-4), data=data, save_every=1),
-    ]
+    return make_tiny_checkpoints(tmp_path_factory.mktemp("ckpt"))
 
 
 def make_config(checkpoints, run_dir, **overrides) -> TrainConfig:
-    cfg = TrainConfig(student=str(checkpoints / "student"), teacher=str(checkpoints / "teacher"), run_dir=str(run_dir),
-                      stages=stages(checkpoints / "data_cache"), keep_last=50)
-    cfg.logging.wandb = "disabled"
-    cfg.logging.progress = False
-    for key, value in overrides.items():
-        setattr(cfg, key, value)
-    return cfg
+    return tiny_train_config(checkpoints, run_dir, **overrides)
 
 
-def losses(run_dir) -> dict[int, float]:
-    records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return {r["global_step"]: r["loss"] for r in records if "loss" in r}
+losses = read_losses
 
 
 class Killed(Exception):
