@@ -91,6 +91,28 @@ def test_chunked_prefill_equals_full_forward(model, chunk):
 
 
 @torch.no_grad()
+def test_cache_grows_the_compressed_keys_window_by_window(model):
+    """After a prefill and token-by-token decoding, each sparse layer's compressed-key caches equal pooling
+    its whole K again (so decode never needs to)."""
+    from sala_train.kernels.sparse import compress_keys
+
+    ids = torch.randint(0, 97, (2, 90))
+    cache = model.new_cache()
+    model(ids[:, :37], past_key_values=cache)
+    for t in range(37, 90):
+        model(ids[:, t : t + 1], past_key_values=cache)
+    sparse = model.config.sparse_config
+    for i, kind in enumerate(HYBRID):
+        if kind != "minicpm4":
+            continue
+        keys = cache.keys[i][:, : cache.get_seq_length()]
+        fine, coarse = cache.compressed_keys[i]
+        assert torch.equal(fine, compress_keys(keys, sparse["kernel_size"], sparse["kernel_stride"])[0])
+        assert torch.equal(coarse, compress_keys(keys, 4 * sparse["kernel_size"], 4 * sparse["kernel_stride"])[0])
+        assert fine.shape[1] == (90 - sparse["kernel_size"]) // sparse["kernel_stride"] + 1
+
+
+@torch.no_grad()
 def test_cache_holds_kv_for_sparse_layers_and_fp32_states_for_lightning_layers(model):
     ids = torch.randint(0, 97, (3, 30))
     cache = model.new_cache()

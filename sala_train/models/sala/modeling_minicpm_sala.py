@@ -38,6 +38,7 @@ try:
         sala_decay,
     )
     from sala_train.kernels.sparse.naive import (
+        compress_keys_reference,
         select_blocks_reference,
         sparse_attention_reference,
         sparse_decode_reference,
@@ -59,7 +60,12 @@ except ImportError:
     from .layers import RMSNorm, RotaryEmbedding, SwiGLU, apply_rotary
     from .lightning_naive import lightning_attention_parallel, lightning_decode_reference, sala_decay
     from .minicpm import MiniCPMForCausalLM, MiniCPMModel, MiniCPMPreTrainedModel
-    from .sparse_naive import select_blocks_reference, sparse_attention_reference, sparse_decode_reference
+    from .sparse_naive import (
+        compress_keys_reference,
+        select_blocks_reference,
+        sparse_attention_reference,
+        sparse_decode_reference,
+    )
 
     lightning_kernels = sparse_kernels = write_remote_code = None
 
@@ -86,7 +92,7 @@ class SparseOps(NamedTuple):
 
     attention(q, k, v, sparse_config, cu_seqlens=, scale=) -> o
         q [B, T, H_q, D], k and v [B, T, H_kv, D]; dense below sparse_config["dense_len"], InfLLM-V2 above
-    decode(q, k_cache, v_cache, sparse_config, scale=) -> o
+    decode(q, k_cache, v_cache, sparse_config, scale=, compressed=) -> o
         q [N, H_q, D], one token per sequence, against its cache [N, S, H_kv, D] (its own k, v included)
     """
 
@@ -186,13 +192,14 @@ def attend_last_rows(attention: Callable, q, k, v, sparse_config: dict, scale=No
     return attention(padded, k, v, sparse_config, scale=scale)[:, S - T :]
 
 
-def sparse_decode_torch(q, k_cache, v_cache, sparse_config: dict, scale=None):
+def sparse_decode_torch(q, k_cache, v_cache, sparse_config: dict, scale=None, compressed=None):
     """One token per sequence, q [N, H_q, D], against its cache [N, S, H_kv, D] -> [N, H_q, D]: dense below
-    ``dense_len``, else the last-row block selection from the compressed keys (linear in S)."""
+    ``dense_len``, else the last-row block selection from the compressed keys (linear in S); ``compressed``
+    the (fine, coarse) compressed-key caches when the caller keeps them."""
     if k_cache.shape[1] < sparse_config["dense_len"]:
         return masked_attention(q[:, None], k_cache, v_cache, None, scale=scale)[:, 0]
     return sparse_decode_reference(q, k_cache, v_cache, dense_len=sparse_config["dense_len"], scale=scale,
-                                   **_selection(sparse_config))
+                                   compressed=compressed, **_selection(sparse_config))
 
 
 LIGHTNING_BACKENDS: dict[str, LightningOps] = {
@@ -304,8 +311,10 @@ class SparseMixer(nn.Module):
         T = q.shape[1]
         k_all, v_all = cache.update(self.layer_idx, k, v)
         S = k_all.shape[1]
+        compressed = cache.compressed(self.layer_idx, k_all, self.sparse_config)
         if T == 1:  # decode
-            return self.ops.decode(q[:, 0], k_all, v_all, self.sparse_config, scale=self.scale)[:, None]
+            return self.ops.decode(q[:, 0], k_all, v_all, self.sparse_config, scale=self.scale,
+                                   compressed=compressed)[:, None]
         if S == T:  # first chunk of a prefill: nothing cached before it
             return self.ops.attention(q, k, v, self.sparse_config, scale=self.scale)
         if S < self.sparse_config["dense_len"]:  # a later chunk, still dense: causal mask over the cache
@@ -412,10 +421,10 @@ class SALACache(KVCache):
         super().__init__(len(mixer_types), initial_capacity)
         self.mixer_types = list(mixer_types)
         self.states: list[torch.Tensor | None] = [None] * self.num_layers
-        # Room for the compressed-key caches of the sparse layers (InfLLM-V2's K_c and K_2, one entry more
-        # every kernel_stride / 4 * kernel_stride tokens, SPEC 4) for a decode kernel that takes them; the
-        # current decode ops recompute them from the full K.
-        self.compressed_keys: list[dict | None] = [None] * self.num_layers
+        # The compressed-key caches of the sparse layers (InfLLM-V2's K_c and K_2, SPEC 4): (fine, coarse)
+        # [B, n, H_kv, D], one entry more every kernel_stride / 4 * kernel_stride tokens, so that a decode
+        # step scores compressed keys without pooling the whole cache again.
+        self.compressed_keys: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * self.num_layers
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.mixer_types[layer] != SPARSE:
@@ -430,9 +439,27 @@ class SALACache(KVCache):
                                              device=device)
         return self.states[layer]
 
+    def compressed(self, layer: int, keys: torch.Tensor, sparse_config: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's (fine, coarse) compressed keys for ``keys`` [B, S, H_kv, D] (all cached keys), pooling
+        only the windows completed since the last call."""
+        w, s = sparse_config["kernel_size"], sparse_config["kernel_stride"]
+        cached = self.compressed_keys[layer] or (keys[:, :0], keys[:, :0])
+        grown = []
+        for have, (window, stride) in zip(cached, ((w, s), (4 * w, 4 * s))):
+            done = have.shape[1]
+            total = (keys.shape[1] - window) // stride + 1 if keys.shape[1] >= window else 0
+            if total > done:
+                new, _ = compress_keys_reference(keys[:, done * stride : (total - 1) * stride + window], window, stride)
+                have = torch.cat([have, new], dim=1)
+            grown.append(have)
+        self.compressed_keys[layer] = (grown[0], grown[1])
+        return self.compressed_keys[layer]
+
     def reorder(self, batch_index: torch.Tensor) -> None:
         super().reorder(batch_index)
         self.states = [None if s is None else s[batch_index].contiguous() for s in self.states]
+        self.compressed_keys = [None if c is None else (c[0][batch_index], c[1][batch_index])
+                                for c in self.compressed_keys]
 
     def memory_bytes(self) -> int:
         states = sum(s.numel() * s.element_size() for s in self.states if s is not None)
