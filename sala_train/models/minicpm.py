@@ -102,7 +102,9 @@ class MiniCPMDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.residual_scale = config.residual_scale
 
-    def forward(self, h, cos, sin, attention: AttentionInputs, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, h, rope, attention: AttentionInputs, cache: KVCache | None = None) -> torch.Tensor:
+        """``rope`` = (cos, sin) of this forward's positions."""
+        cos, sin = rope
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, attention, cache) * self.residual_scale
         h = h + self.mlp(self.post_attention_layernorm(h)) * self.residual_scale
         return h
@@ -187,21 +189,29 @@ class MiniCPMModel(MiniCPMPreTrainedModel):
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
         position_ids, attention = self._plan_attention(B, T, past, attention_mask, position_ids, cu_seqlens,
                                                        inputs_embeds.device)
-        cos, sin = self.rotary_emb(position_ids)
+        self._check_batch(attention_mask, attention, past_key_values)
+        rope = self._rotary(position_ids)
 
         h = inputs_embeds
         all_hidden = [h] if output_hidden_states else None
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and past_key_values is None:
-                h = checkpoint(layer, h, cos, sin, attention, None, use_reentrant=False)
+                h = checkpoint(layer, h, rope, attention, None, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, attention, past_key_values)
+                h = layer(h, rope, attention, past_key_values)
             if all_hidden is not None:
                 all_hidden.append(h)
         if past_key_values is not None:
             past_key_values.advance(T)
         h = self.norm(h)
         return h, attention, tuple(all_hidden) if all_hidden is not None else None
+
+    def _rotary(self, position_ids):
+        """What every layer gets for its positions: (cos, sin) here (the SALA model: one pair per head size)."""
+        return self.rotary_emb(position_ids)
+
+    def _check_batch(self, attention_mask, attention: AttentionInputs, cache) -> None:
+        """A hook for models that refuse some batches (the SALA model: padding, packing into a cache)."""
 
     @staticmethod
     def _plan_attention(B, T, past, attention_mask, position_ids, cu_seqlens, device):

@@ -24,7 +24,6 @@ from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from .configuration_minicpm_sala import LIGHTNING, SPARSE, MiniCPMSALAConfig
 
@@ -534,51 +533,23 @@ class MiniCPMSALAModel(MiniCPMSALAPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        cu_seqlens: torch.Tensor | None = None,
-        past_key_values: SALACache | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        output_hidden_states: bool = False,
-    ):
-        """-> (final normed hidden states [B, T, hidden], AttentionInputs, all hidden states or None), as the
-        teacher's MiniCPMModel."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids) * self.config.scale_emb
-        B, T = inputs_embeds.shape[:2]
+    # The teacher's forward (embeddings, positions and packing, the layer loop, the final norm) with the
+    # hooks below: one rotary table per head size, and the batches a lightning state cannot take refused.
+    forward = MiniCPMModel.forward
+    _plan_attention = staticmethod(MiniCPMModel._plan_attention)
+
+    def _rotary(self, position_ids):
+        return {d: rotary(position_ids) for d, rotary in self.rotary_embs.items()}
+
+    def _check_batch(self, attention_mask, attention, cache) -> None:
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError(
                 "MiniCPM-SALA does not take padded batches (attention_mask has zeros): a lightning layer's "
                 "state would absorb the padding. Batch prompts of equal length, run them one at a time, or "
                 "pack them with cu_seqlens / position_ids that restart at 0 at every document")
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
-        # Positions and document boundaries exactly as the teacher derives them (cu_seqlens, or position_ids
-        # that restart at 0).
-        position_ids, attention = MiniCPMModel._plan_attention(B, T, past, None, position_ids, cu_seqlens,
-                                                               inputs_embeds.device)
-        if past_key_values is not None and attention.cu_seqlens is not None:
+        if cache is not None and attention.cu_seqlens is not None:
             raise ValueError("packed sequences (cu_seqlens or restarting position_ids) cannot fill a cache: "
                              "one lightning state per batch row; generate from one sequence per row instead")
-        rope = {d: rotary(position_ids) for d, rotary in self.rotary_embs.items()}
-
-        h = inputs_embeds
-        all_hidden = [h] if output_hidden_states else None
-        for layer in self.layers:
-            if self.gradient_checkpointing and self.training and past_key_values is None:
-                h = checkpoint(layer, h, rope, attention, None, use_reentrant=False)
-            else:
-                h = layer(h, rope, attention, past_key_values)
-            if all_hidden is not None:
-                all_hidden.append(h)
-        if past_key_values is not None:
-            past_key_values.advance(T)
-        h = self.norm(h)
-        return h, attention, tuple(all_hidden) if all_hidden is not None else None
 
 
 class MiniCPMSALAForCausalLM(GenerationMixin, MiniCPMSALAPreTrainedModel):
