@@ -21,7 +21,7 @@ from .naive import (
 )
 
 __all__ = ["SparseConfig", "compress_keys", "select_blocks", "sparse_attention", "infllmv2_attention",
-           "infllmv2_decode"]
+           "infllmv2_prefill", "infllmv2_decode"]
 
 
 @dataclass(frozen=True)
@@ -187,6 +187,51 @@ def infllmv2_attention(q, k, v, config: SparseConfig | dict | None = None, cu_se
             part = _dense(*sub, scale, cu)
         out[:, index] = part
     return out
+
+
+@torch.no_grad()
+def infllmv2_prefill(q, k, v, config: SparseConfig | dict | None = None, scale=None) -> torch.Tensor:
+    """The queries of one prefill chunk against the cache: q [B, T, H_q, D] at the last T of the S
+    positions of k, v [B, S, H_kv, D] (the chunk's own keys appended) -> o [B, T, H_q, D]. Inference only.
+
+    Each row gets exactly what the full prefill of S tokens gives it: dense causal below ``dense_len``,
+    else its own block selection and sparse attention (a row depends only on its query and the keys up to
+    it). The Triton path selects and attends for the T new rows only, so a long prompt prefilled in chunks
+    costs what one prefill costs; the reference path computes the S rows and keeps the last T.
+    """
+    config = config if isinstance(config, SparseConfig) else SparseConfig.from_dict(config)
+    _check(q[:, :1], k[:, :1], v[:, :1])
+    B, T, Hq, D = q.shape
+    S = k.shape[1]
+    if k.shape[0] != B or T > S:
+        raise ValueError(f"infllmv2_prefill: q [B={B}, T={T}] must be the last rows of k [B, S={S}] "
+                         f"(got k {list(k.shape)})")
+    if T == S:
+        return infllmv2_attention(q, k, v, config, scale=scale)
+    if S < config.dense_len:
+        from sala_train.models.attention import cached_causal_mask, masked_attention
+
+        return masked_attention(q, k, v, cached_causal_mask(T, S - T), scale=scale)
+    padded = q.new_zeros(B, S, Hq, D)
+    padded[:, S - T:] = q
+    from .select import triton_select_blocks, triton_supports
+
+    if not (_use_triton(q, config.block_size)
+            and triton_supports(config.block_size, config.kernel_size, config.kernel_stride, D)):
+        return infllmv2_attention(padded, k, v, config, scale=scale)[:, S - T:]
+    from .attention import triton_sparse_attention
+
+    scale = D**-0.5 if scale is None else float(scale)
+    Hk = k.shape[2]
+    flat = lambda x: x.contiguous().view(B * S, x.shape[2], D)  # noqa: E731
+    bounds = _seq_bounds(None, B, S)
+    idx = triton_select_blocks(flat(padded), flat(k), bounds, block_size=config.block_size,
+                               kernel_size=config.kernel_size, kernel_stride=config.kernel_stride,
+                               init_blocks=config.init_blocks, local_blocks=config.local_blocks, topk=config.topk,
+                               scale=scale, q_start=S - T)
+    o = triton_sparse_attention(flat(padded), flat(k), flat(v), idx, bounds, config.block_size, scale,
+                                q_start=S - T)
+    return o.view(B, S, Hq, D)[:, S - T:]
 
 
 @torch.no_grad()

@@ -156,13 +156,17 @@ class SparseLayout:
     """Query tiles (BQ consecutive tokens of one sequence), the union of their tokens' blocks with a bit
     mask of the choosing tokens, and the global numbering of key blocks (never across sequences)."""
 
-    def __init__(self, idx: torch.Tensor, seq_bounds: list[int], block_size: int, BQ: int):
+    def __init__(self, idx: torch.Tensor, seq_bounds: list[int], block_size: int, BQ: int, q_start: int = 0):
+        """``q_start``: tiles wholly before position q_start of their sequence are left out (their rows
+        are not computed): the forward of a chunked prefill, whose new queries are the last rows."""
         device = idx.device
         Hk, TT, S = idx.shape
         tile_start, tile_len, tile_seq_start, block_start, block_len, block_offset = [], [], [], [], [], []
         for s, e in zip(seq_bounds[:-1], seq_bounds[1:]):
             block_offset.append(len(block_start))
             for t in range(s, e, BQ):
+                if t + BQ <= s + q_start:
+                    continue
                 tile_start.append(t)
                 tile_len.append(min(BQ, e - t))
                 tile_seq_start.append(s)
@@ -177,13 +181,16 @@ class SparseLayout:
         NT = self.num_tiles
         tile_of_token = torch.repeat_interleave(torch.arange(NT, device=device),
                                                 torch.tensor(tile_len, device=device)) if NT else None
-        slot_of_token = torch.arange(TT, device=device) - torch.tensor(tile_start, device=device)[tile_of_token] if NT else None
+        # the tokens the tiles cover, in tile order (all tokens unless q_start leaves some out)
+        tokens = (torch.arange(TT, device=device) if not q_start else torch.cat(
+            [torch.arange(t, t + n, device=device) for t, n in zip(tile_start, tile_len)])) if NT else None
+        slot_of_token = tokens - torch.tensor(tile_start, device=device)[tile_of_token] if NT else None
         seq_lengths = [e - s for s, e in zip(seq_bounds[:-1], seq_bounds[1:])]
         self.tok_block_offset = torch.repeat_interleave(torch.tensor(block_offset, dtype=torch.int64, device=device),
                                                         torch.tensor(seq_lengths, device=device)) if NT else None
         grid = torch.full((Hk, NT, BQ, S), -1, dtype=torch.int64, device=device)
         if NT:
-            grid[:, tile_of_token, slot_of_token] = idx.long()
+            grid[:, tile_of_token, slot_of_token] = idx[:, tokens].long()
         flat = grid.reshape(Hk, NT, BQ * S)
         bit = (torch.ones((), dtype=torch.int64, device=device) << torch.arange(BQ, device=device)).repeat_interleave(S)
         # union: sort the tile's ids, keep the first of each run, OR the token bits of the run
@@ -230,12 +237,12 @@ def _config(G: int, D: int) -> dict:
 
 class SparseAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, idx, seq_bounds, block_size, scale):
+    def forward(ctx, q, k, v, idx, seq_bounds, block_size, scale, q_start=0):
         TT, Hq, D = q.shape
         Hk = k.shape[1]
         G = Hq // Hk
         cfg = _config(G, D)
-        layout = SparseLayout(idx, seq_bounds, block_size, cfg["BQ"])
+        layout = SparseLayout(idx, seq_bounds, block_size, cfg["BQ"], q_start)
         o = torch.empty_like(q)
         lse = torch.empty(TT, Hq, dtype=torch.float32, device=q.device)
         if layout.num_tiles:
@@ -266,9 +273,12 @@ class SparseAttentionFunction(torch.autograd.Function):
             _sparse_dkv_kernel[(layout.num_blocks, Hk)](
                 q, k, v, do, lse, delta, dk, dv, layout.blk_key_start, layout.blk_key_len, offsets, tiles, members,
                 layout.tile_start, layout.tile_len, scale, layout.num_blocks, **common)
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None
 
 
-def triton_sparse_attention(q, k, v, idx, seq_bounds, block_size: int, scale: float) -> torch.Tensor:
-    """q [TT, H_q, D], k, v [TT, H_kv, D], idx [H_kv, TT, S] (int32, contiguous) -> o [TT, H_q, D]."""
-    return SparseAttentionFunction.apply(q, k, v, idx, seq_bounds, block_size, scale)
+def triton_sparse_attention(q, k, v, idx, seq_bounds, block_size: int, scale: float, q_start: int = 0) -> torch.Tensor:
+    """q [TT, H_q, D], k, v [TT, H_kv, D], idx [H_kv, TT, S] (int32, contiguous) -> o [TT, H_q, D].
+    ``q_start`` > 0 (inference only): rows before position q_start of each sequence are not computed."""
+    if q_start and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+        raise RuntimeError("sparse attention with q_start > 0 is inference-only; run it under torch.no_grad()")
+    return SparseAttentionFunction.apply(q, k, v, idx, seq_bounds, block_size, scale, q_start)

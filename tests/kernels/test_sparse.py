@@ -12,6 +12,7 @@ from sala_train.kernels.sparse import (
     compress_keys,
     infllmv2_attention,
     infllmv2_decode,
+    infllmv2_prefill,
     select_blocks,
     sparse_attention,
 )
@@ -145,6 +146,31 @@ def test_decode_equals_last_row_of_prefill(S):
     caches = (compress_keys(k, 8, 4)[0], compress_keys(k, 32, 16)[0])
     assert_close(infllmv2_decode(q[:, -1], k, v, TINY_CONFIG, compressed=caches), full[:, -1], ratio=FP32_RATIO,
                  name=f"decode with compressed caches at {S}")
+
+
+@pytest.mark.parametrize("S,T", [(150, 37), (150, 150), (97, 1), (60, 20), (301, 128)])
+@torch.no_grad()
+def test_prefill_chunk_equals_last_rows_of_full_prefill(poisoned, S, T):
+    # the Triton path computes only the chunk's rows (tiles before the chunk are left out; the outputs are
+    # poisoned, so a chunk row left unwritten fails); the rows must be those of the full prefill, below
+    # dense_len (60) as above it
+    q, k, v = qkv(2, S, 4, 2, dtype=torch.float32, seed=S + T)
+    full = infllmv2_attention(q, k, v, TINY_CONFIG)
+    chunk = infllmv2_prefill(q[:, S - T:].clone(), k, v, TINY_CONFIG)
+    assert chunk.shape == (2, T, 4, 16)
+    assert_close(chunk, full[:, S - T:], ratio=FP32_RATIO, name=f"prefill chunk {T} of {S}")
+
+
+def test_prefill_chunk_is_inference_only_and_checks_shapes():
+    q, k, v = qkv(1, 100, 4, 2, dtype=torch.float32)
+    with pytest.raises(ValueError, match="must be the last rows"):
+        infllmv2_prefill(q, k[:, :50], v[:, :50], TINY_CONFIG)
+    from sala_train.kernels.sparse.attention import triton_sparse_attention
+
+    q.requires_grad_()
+    idx = torch.zeros(2, 100, 6, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="inference-only"):
+        triton_sparse_attention(q[0], k[0], v[0], idx, [0, 100], 16, 0.25, q_start=50)
 
 
 def test_decode_selection_equals_the_reference_last_row():
