@@ -30,7 +30,10 @@ def parse_length(text: str) -> int:
     return int(text[:-1] if text[-1] in "KM" else text) * scale
 
 
-def build(kind: str, layers: int | None, device: str = "cuda", small: bool = False):
+def build(kind: str, layers: int | None, device: str = "cuda", small: bool = False, dtype=None,
+          mixer_types: list[str] | None = None):
+    """The 8B-shaped model of ``kind`` (random weights) on ``device``: bf16 on a GPU unless ``dtype``;
+    ``layers`` fewer layers (the released SALA pattern's first ones unless ``mixer_types``)."""
     import yaml
 
     from sala_train.models import MiniCPMConfig, MiniCPMForCausalLM, SALAConfig, SALAForCausalLM
@@ -39,7 +42,7 @@ def build(kind: str, layers: int | None, device: str = "cuda", small: bool = Fal
         config = SALAConfig()
         if layers:
             config.num_hidden_layers = layers
-            config.mixer_types = config.mixer_types[:layers]
+            config.mixer_types = mixer_types or config.mixer_types[:layers]
         cls = SALAForCausalLM
     else:
         values = yaml.safe_load((REPO / "recipes/model/minicpm4_8b.yaml").read_text())
@@ -57,7 +60,7 @@ def build(kind: str, layers: int | None, device: str = "cuda", small: bool = Fal
             config.lightning_nh = config.lightning_nkv = 4
             config.lightning_head_dim = 64
             config.sparse_config = {**config.sparse_config, "dense_len": 1024}
-    torch.set_default_dtype(torch.bfloat16 if device == "cuda" else torch.float32)
+    torch.set_default_dtype(dtype or (torch.bfloat16 if device == "cuda" else torch.float32))
     with torch.device(device):
         model = cls(config)
     torch.set_default_dtype(torch.float32)
