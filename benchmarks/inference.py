@@ -66,14 +66,16 @@ def build(kind: str, layers: int | None, device: str = "cuda", small: bool = Fal
     torch.set_default_dtype(torch.float32)
     model.eval()
     if kind == "sala":
-        backend = "triton" if device == "cuda" else "torch"
+        import os
+
+        backend = "triton" if device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1" else "torch"
         model.set_backends(lightning=backend, sparse=backend)
     return model
 
 
 def _sync():
     if torch.cuda.is_available():
-        _sync()
+        torch.cuda.synchronize()
 
 
 def _peak() -> float:

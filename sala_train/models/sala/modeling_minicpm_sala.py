@@ -301,6 +301,7 @@ class SparseMixer(nn.Module):
         if self.use_rope:
             cos, sin = rope[self.head_dim]
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = q.to(v.dtype), k.to(v.dtype)  # under autocast the fp32 norms / rotary promote q, k; v is bf16
 
         if cache is None and attention.cu_seqlens is not None:
             out = self.ops.attention(_flat(q), _flat(k), _flat(v), self.sparse_config,
@@ -390,6 +391,7 @@ class LightningMixer(nn.Module):
         if self.use_rope:
             cos, sin = rope[D]
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = q.to(v.dtype), k.to(v.dtype)  # under autocast the fp32 norms / rotary promote q, k; v is bf16
         decay = self._decay(q.device)
 
         if cache is None and attention.cu_seqlens is not None:  # packed: the state restarts at every document
