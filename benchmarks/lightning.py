@@ -215,6 +215,8 @@ def main():
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--sweep-only", action="store_true", help="only the launch-configuration sweep")
+    parser.add_argument("--skip-correctness", action="store_true", help="timings only (correctness run before)")
+    parser.add_argument("--sizes", default=None, help="T:B pairs, e.g. 4096:64,65536:4")
     parser.add_argument("--no-sdpa", action="store_true")
     parser.add_argument("--out", default=None, help="write results as JSON here")
     args = parser.parse_args()
@@ -223,25 +225,28 @@ def main():
     print(f"device {props.name}, torch {torch.__version__}, triton {triton.__version__}, fla {fla_version}")
     t0 = time.time()
     results = {"device": props.name, "torch": torch.__version__, "triton": triton.__version__, "fla": fla_version}
-    if not args.sweep_only:
+    if not (args.sweep_only or args.skip_correctness):
         results["correctness"] = check_correctness(fla_chunk)
         print(f"(correctness took {time.time() - t0:.0f} s)")
 
     sizes = [(4096, 64), (16384, 16), (65536, 4), (262144, 1)]
     if args.quick:
         sizes = [(4096, 64), (65536, 4)]
+    if args.sizes:
+        sizes = [tuple(int(x) for x in pair.split(":")) for pair in args.sizes.split(",")]
     if args.sweep or args.sweep_only:
         results["sweep"] = run_sweep()
         if args.sweep_only:
             return
 
-    print_kernel_profile(65536, 4)
+    if not args.skip_correctness:
+        print_kernel_profile(65536, 4)
     table = []
     for T, B in sizes:
         r = time_variants(fla_chunk, T, B, with_sdpa=not args.no_sdpa)
         table.append((T, B, r))
         print(f"T={T} B={B}: " + ", ".join(f"{k}={v:.3f}" for k, v in r.items()), flush=True)
-    if not args.quick:
+    if not (args.quick or args.sizes):
         try:
             r = time_variants(fla_chunk, 1 << 20, 1, with_sdpa=False, rep_ms=100)
             table.append((1 << 20, 1, r))
