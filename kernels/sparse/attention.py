@@ -32,8 +32,8 @@ def _tile_rows(q_tile_start, q_tile_len, hk, G: tl.constexpr, BG: tl.constexpr, 
 
 
 @triton.jit
-def _sparse_fwd_kernel(q, k, v, o, lse, union, member, tile_start, tile_len, tile_seq_start, scale, NT, U,
-                       HQ: tl.constexpr, HK: tl.constexpr, G: tl.constexpr, BG: tl.constexpr, D: tl.constexpr,
+def _sparse_fwd_kernel(q, k, v, o, lse, union, union_len, member, tile_start, tile_len, tile_seq_start, scale, NT,
+                       U, HQ: tl.constexpr, HK: tl.constexpr, G: tl.constexpr, BG: tl.constexpr, D: tl.constexpr,
                        BS: tl.constexpr, BQ: tl.constexpr):
     tile = tl.program_id(0)
     hk = tl.program_id(1)
@@ -49,32 +49,33 @@ def _sparse_fwd_kernel(q, k, v, o, lse, union, member, tile_start, tile_len, til
     acc_l = tl.zeros([BQ * BG], dtype=tl.float32)
     acc = tl.zeros([BQ * BG, D], dtype=tl.float32)
     base = (hk * NT + tile).to(tl.int64) * U
-    for u in range(U):
+    # the union's valid entries come first: a loop without branches, which Triton can software-pipeline
+    n_union = tl.load(union_len + hk * NT + tile)
+    for u in range(n_union):
         blk = tl.load(union + base + u)
-        if blk >= 0:
-            chose = (tl.load(member + base + u) >> slot) & 1
-            kpos = start + blk.to(tl.int64) * BS + rs
-            kb = tl.load(k + (kpos[:, None] * HK + hk) * D + rd[None, :], mask=(kpos <= t0 + n_tok - 1)[:, None],
-                         other=0.0)
-            vb = tl.load(v + (kpos[:, None] * HK + hk) * D + rd[None, :], mask=(kpos <= t0 + n_tok - 1)[:, None],
-                         other=0.0)
-            visible = (valid & (chose == 1))[:, None] & (kpos[None, :] <= tok[:, None])
-            scores = tl.where(visible, tl.dot(qt, tl.trans(kb)) * scale, float("-inf"))
-            m_new = tl.maximum(m, tl.max(scores, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp(scores - m_safe[:, None])
-            alpha = tl.exp(m - m_safe)
-            acc_l = acc_l * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb)
-            m = m_new
+        chose = (tl.load(member + base + u) >> slot) & 1
+        kpos = start + blk.to(tl.int64) * BS + rs
+        kb = tl.load(k + (kpos[:, None] * HK + hk) * D + rd[None, :], mask=(kpos <= t0 + n_tok - 1)[:, None],
+                     other=0.0)
+        vb = tl.load(v + (kpos[:, None] * HK + hk) * D + rd[None, :], mask=(kpos <= t0 + n_tok - 1)[:, None],
+                     other=0.0)
+        visible = (valid & (chose == 1))[:, None] & (kpos[None, :] <= tok[:, None])
+        scores = tl.where(visible, tl.dot(qt, tl.trans(kb)) * scale, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(scores - m_safe[:, None])
+        alpha = tl.exp(m - m_safe)
+        acc_l = acc_l * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb)
+        m = m_new
     out = acc / tl.where(acc_l > 0, acc_l, 1.0)[:, None]
     tl.store(o + rows, out.to(o.dtype.element_ty), mask=valid[:, None])
     tl.store(lse + tok * HQ + head, m + tl.log(tl.where(acc_l > 0, acc_l, 1.0)), mask=valid)
 
 
 @triton.jit
-def _sparse_dq_kernel(q, k, v, do, lse, delta, dq, union, member, tile_start, tile_len, tile_seq_start, scale, NT, U,
-                      HQ: tl.constexpr, HK: tl.constexpr, G: tl.constexpr, BG: tl.constexpr, D: tl.constexpr,
+def _sparse_dq_kernel(q, k, v, do, lse, delta, dq, union, union_len, member, tile_start, tile_len, tile_seq_start,
+                      scale, NT, U, HQ: tl.constexpr, HK: tl.constexpr, G: tl.constexpr, BG: tl.constexpr, D: tl.constexpr,
                       BS: tl.constexpr, BQ: tl.constexpr):
     tile = tl.program_id(0)
     hk = tl.program_id(1)
@@ -91,19 +92,19 @@ def _sparse_dq_kernel(q, k, v, do, lse, delta, dq, union, member, tile_start, ti
     delta_t = tl.load(delta + tok * HQ + head, mask=valid, other=0.0)
     acc = tl.zeros([BQ * BG, D], dtype=tl.float32)
     base = (hk * NT + tile).to(tl.int64) * U
-    for u in range(U):
+    n_union = tl.load(union_len + hk * NT + tile)
+    for u in range(n_union):
         blk = tl.load(union + base + u)
-        if blk >= 0:
-            chose = (tl.load(member + base + u) >> slot) & 1
-            kpos = start + blk.to(tl.int64) * BS + rs
-            in_range = (kpos <= t0 + n_tok - 1)[:, None]
-            kb = tl.load(k + (kpos[:, None] * HK + hk) * D + rd[None, :], mask=in_range, other=0.0)
-            vb = tl.load(v + (kpos[:, None] * HK + hk) * D + rd[None, :], mask=in_range, other=0.0)
-            visible = (valid & (chose == 1))[:, None] & (kpos[None, :] <= tok[:, None])
-            p = tl.where(visible, tl.exp(tl.dot(qt, tl.trans(kb)) * scale - lse_t[:, None]), 0.0)
-            dp = tl.dot(dot_, tl.trans(vb))
-            ds = p * (dp - delta_t[:, None])
-            acc += tl.dot(ds.to(kb.dtype), kb)
+        chose = (tl.load(member + base + u) >> slot) & 1
+        kpos = start + blk.to(tl.int64) * BS + rs
+        in_range = (kpos <= t0 + n_tok - 1)[:, None]
+        kb = tl.load(k + (kpos[:, None] * HK + hk) * D + rd[None, :], mask=in_range, other=0.0)
+        vb = tl.load(v + (kpos[:, None] * HK + hk) * D + rd[None, :], mask=in_range, other=0.0)
+        visible = (valid & (chose == 1))[:, None] & (kpos[None, :] <= tok[:, None])
+        p = tl.where(visible, tl.exp(tl.dot(qt, tl.trans(kb)) * scale - lse_t[:, None]), 0.0)
+        dp = tl.dot(dot_, tl.trans(vb))
+        ds = p * (dp - delta_t[:, None])
+        acc += tl.dot(ds.to(kb.dtype), kb)
     tl.store(dq + rows, (acc * scale).to(dq.dtype.element_ty), mask=valid[:, None])
 
 
@@ -211,6 +212,8 @@ class SparseLayout:
         union[h_i, t_i, r_i] = ids[keep]
         member.index_put_((h_i, t_i, r_i), bits[keep], accumulate=True)  # distinct tokens: sum == OR
         self.union = union.to(torch.int32).contiguous()
+        # valid entries per (KV head, tile): the union's runs are numbered from 0, so they come first
+        self.union_len = new_run.sum(-1).to(torch.int32).contiguous()
         self.member = member.to(torch.int32).contiguous()
 
     def inverted_index(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -247,7 +250,7 @@ class SparseAttentionFunction(torch.autograd.Function):
         lse = torch.empty(TT, Hq, dtype=torch.float32, device=q.device)
         if layout.num_tiles:
             _sparse_fwd_kernel[(layout.num_tiles, Hk)](
-                q, k, v, o, lse, layout.union, layout.member, layout.tile_start, layout.tile_len,
+                q, k, v, o, lse, layout.union, layout.union_len, layout.member, layout.tile_start, layout.tile_len,
                 layout.tile_seq_start, scale, layout.num_tiles, layout.U, HQ=Hq, HK=Hk, G=G, BG=cfg["BG"], D=D,
                 BS=block_size, BQ=cfg["BQ"], num_warps=cfg["warps"])
         ctx.save_for_backward(q, k, v, o, lse)
@@ -267,8 +270,8 @@ class SparseAttentionFunction(torch.autograd.Function):
         if layout.num_tiles:
             common = dict(HQ=Hq, HK=Hk, G=G, BG=cfg["BG"], D=D, BS=block_size, BQ=cfg["BQ"], num_warps=cfg["warps"])
             _sparse_dq_kernel[(layout.num_tiles, Hk)](
-                q, k, v, do, lse, delta, dq, layout.union, layout.member, layout.tile_start, layout.tile_len,
-                layout.tile_seq_start, scale, layout.num_tiles, layout.U, **common)
+                q, k, v, do, lse, delta, dq, layout.union, layout.union_len, layout.member, layout.tile_start,
+                layout.tile_len, layout.tile_seq_start, scale, layout.num_tiles, layout.U, **common)
             offsets, tiles, members = layout.inverted_index()
             _sparse_dkv_kernel[(layout.num_blocks, Hk)](
                 q, k, v, do, lse, delta, dk, dv, layout.blk_key_start, layout.blk_key_len, offsets, tiles, members,
