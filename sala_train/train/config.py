@@ -83,6 +83,8 @@ class BackendConfig:
     offload_optimizer: bool = False
     bf16: bool = False
     activation_checkpointing: bool = False
+    tensor_parallel: int = 1  # megatron: ranks that split heads and MLP columns
+    context_parallel: int = 1  # megatron: ranks that split every sequence (zigzag); seq_len % (2 x this) == 0
 
 
 @dataclass
