@@ -83,3 +83,90 @@ def test_loss_logits_and_gradients_match_one_process(tp, cp):
         assert grads.keys() == expected.keys()
         for name, grad in grads.items():
             assert_close(grad, expected[name], ratio=RATIO, name=f"rank {rank} grad {name}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The trainer with backend.name = megatron
+# ---------------------------------------------------------------------------------------------------------
+
+class Killed(Exception):
+    pass
+
+
+def _trainer_runs_rank(rank, world_size, checkpoints, root):
+    """On 2 processes: the tiny two-stage run with CP=2 (KL through gathered logits, then CE with InfLLM-V2 on),
+    and with TP=2 killed after global step 3 and restarted from its sharded checkpoint."""
+    from pathlib import Path
+
+    from sala_train.testing.training import tiny_train_config
+    from sala_train.train.config import BackendConfig
+    from sala_train.train.trainer import Trainer
+
+    checkpoints, root = Path(checkpoints), Path(root)
+    Trainer(tiny_train_config(checkpoints, root / "cp2", backend=BackendConfig(name="megatron", context_parallel=2))).run()
+
+    tp2 = BackendConfig(name="megatron", tensor_parallel=2)
+    original = Trainer.save_checkpoint
+
+    def save_then_die(self, backend, loader, state, optimizer=True):  # every rank saves, then every rank dies
+        path = original(self, backend, loader, state, optimizer)
+        if state["global_step"] == 3:
+            raise Killed()
+        return path
+
+    Trainer.save_checkpoint = save_then_die
+    try:
+        Trainer(tiny_train_config(checkpoints, root / "tp2", backend=tp2)).run()
+        raise AssertionError("the run was not killed")
+    except Killed:
+        pass
+    finally:
+        Trainer.save_checkpoint = original
+    Trainer(tiny_train_config(checkpoints, root / "tp2", backend=tp2)).run()
+    return None
+
+
+@pytest.fixture(scope="module")
+def trainer_runs(tmp_path_factory):
+    from sala_train.testing.training import make_tiny_checkpoints, tiny_train_config
+    from sala_train.train.config import BackendConfig
+    from sala_train.train.trainer import Trainer
+
+    root = tmp_path_factory.mktemp("megatron_runs")
+    checkpoints = make_tiny_checkpoints(root / "ckpt", num_attention_heads=4, num_key_value_heads=2)
+    Trainer(tiny_train_config(checkpoints, root / "torch", backend=BackendConfig(name="torch"))).run()
+    run_distributed(_trainer_runs_rank, world_size=2, args=(str(checkpoints), str(root)), timeout_s=600)
+    return root
+
+
+def test_trainer_with_context_parallel_follows_the_torch_backend(trainer_runs):
+    from sala_train.testing.training import read_losses
+
+    expected, actual = read_losses(trainer_runs / "torch"), read_losses(trainer_runs / "cp2")
+    assert actual.keys() == expected.keys() == {1, 2, 3, 4}
+    for step, loss in expected.items():  # 4 fp32 AdamW steps, sums regrouped: far below a wrong gradient
+        assert actual[step] == pytest.approx(loss, rel=1e-4), f"step {step}"
+
+
+def test_killed_tensor_parallel_run_resumes_from_its_shards_with_the_same_losses(trainer_runs):
+    from sala_train.testing.training import read_losses
+
+    expected, resumed = read_losses(trainer_runs / "torch"), read_losses(trainer_runs / "tp2")
+    assert resumed.keys() == expected.keys()
+    for step, loss in expected.items():
+        assert resumed[step] == pytest.approx(loss, rel=1e-4), f"step {step}"
+    shards = trainer_runs / "tp2" / "checkpoints" / "stage-01-step-00000001" / "megatron"
+    assert sorted(p.name for p in shards.iterdir()) == ["tp-00-of-02.pt", "tp-01-of-02.pt"]
+
+
+def test_megatron_export_is_the_hf_layout_with_full_weights(trainer_runs):
+    from sala_train.models.sala import MiniCPMSALAForCausalLM
+
+    export = trainer_runs / "tp2" / "export" / "long"
+    reference = MiniCPMSALAForCausalLM.from_pretrained(trainer_runs / "torch" / "export" / "long", dtype="float32")
+    model = MiniCPMSALAForCausalLM.from_pretrained(export, dtype="float32")
+    expected = reference.state_dict()
+    assert model.state_dict().keys() == expected.keys()
+    for name, tensor in model.state_dict().items():
+        assert tensor.shape == expected[name].shape, name
+        assert_close(tensor, expected[name], ratio=1e-4, name=name)
