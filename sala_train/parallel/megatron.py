@@ -22,6 +22,8 @@ Gradients: every rank's loss is its CP part of the whole sequence (context_paral
 so gradients are summed over CP and averaged over DP in one all-reduce on megatron's data-parallel-with-CP
 group, after the last micro-batch. The optimizer is torch's AdamW over our muP groups, replicated on every
 rank of a TP shard (megatron's DistributedOptimizer, which would shard it over DP, is not used yet).
+``backend.bf16``: the forward runs under bf16 autocast (matmuls and attention in bf16); weights, gradients
+and AdamW stay fp32.
 
 Checkpoints: ``save`` writes, per TP rank, that rank's parameter shards and optimizer state
 (``megatron/tp-RR-of-TT.pt``, written by the first CP and DP rank); the trainer's HF export gathers the full
@@ -75,9 +77,9 @@ def check_config(backend: BackendConfig, world_size: int) -> None:
     if world_size % model_parallel_size(backend):
         raise RecipeError(f"the world size {world_size} is not a multiple of backend.tensor_parallel x "
                           f"backend.context_parallel = {backend.tensor_parallel} x {backend.context_parallel}")
-    if backend.bf16 or backend.offload_optimizer:
-        raise RecipeError("backend.bf16 and backend.offload_optimizer are deepspeed settings; the megatron backend "
-                          "trains in the model's dtype with the optimizer on the device")
+    if backend.offload_optimizer:
+        raise RecipeError("backend.offload_optimizer is a deepspeed setting; the megatron backend keeps the "
+                          "optimizer on the device")
 
 
 def check_stage(stage: StageConfig, backend: BackendConfig) -> None:
@@ -252,6 +254,18 @@ def gather_full(tensors: dict[str, torch.Tensor], shard_dims: dict[str, int], la
 # The backend
 # ---------------------------------------------------------------------------------------------------------
 
+class Autocast(nn.Module):
+    """Runs the wrapped model's forward under autocast (bf16 compute, fp32 weights)."""
+
+    def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self.inner, self.device_type, self.dtype = model, device.type, dtype
+
+    def forward(self, *args, **kwargs):
+        with torch.autocast(self.device_type, dtype=self.dtype):
+            return self.inner(*args, **kwargs)
+
+
 class MegatronBackend:
     """TP x CP x DP around ``model`` for one stage; ``model`` (a ContextParallelModel when CP > 1) is what the
     loss calls, with the whole batch of this data-parallel rank."""
@@ -269,6 +283,8 @@ class MegatronBackend:
         self._module = model.to(device)
         self._export = None
         self.model = ContextParallelModel(model, self.layout.context_group) if self.layout.context_parallel > 1 else model
+        if config.bf16:
+            self.model = Autocast(self.model, device)
         # the groups were built on the full model: point them at the parameters that replaced those
         params = dict(model.named_parameters())
         groups = [{**group, "params": [params[name] for name in group["param_names"]]} for group in groups]

@@ -127,3 +127,8 @@ class TrainConfig:
             if "kl" in stage.loss and not self.teacher:
                 raise RecipeError(f"stages[{stage.name}].loss = {stage.loss!r} needs a teacher checkpoint: set teacher=DIR")
             stage.plan(data_parallel_size)
+            chunks = 2 * self.backend.context_parallel
+            if chunks > 2 and stage.seq_len % chunks:
+                raise RecipeError(f"stages[{stage.name}].seq_len = {stage.seq_len} must be a multiple of 2 x "
+                                  f"backend.context_parallel = {chunks} (the zigzag split cuts every sequence "
+                                  f"into {chunks} chunks)")

@@ -170,3 +170,21 @@ def test_megatron_export_is_the_hf_layout_with_full_weights(trainer_runs):
     for name, tensor in model.state_dict().items():
         assert tensor.shape == expected[name].shape, name
         assert_close(tensor, expected[name], ratio=1e-4, name=name)
+
+
+@pytest.mark.parametrize("world, change, message", [
+    (4, dict(tensor_parallel=3), "not a multiple of backend.tensor_parallel"),
+    (6, dict(context_parallel=3), "multiple of 2 x backend.context_parallel = 6"),
+    (1, dict(offload_optimizer=True), "offload_optimizer is a deepspeed setting"),
+])
+def test_impossible_megatron_recipes_fail_before_loading(tmp_path, monkeypatch, world, change, message):
+    from sala_train.testing.training import tiny_train_config
+    from sala_train.train.config import BackendConfig, RecipeError
+    from sala_train.train.trainer import Trainer
+
+    monkeypatch.setenv("WORLD_SIZE", str(world))  # checked before any process group is started
+    backend = BackendConfig(name="megatron", **change)
+    cfg = tiny_train_config(tmp_path / "missing", tmp_path / "bad", backend=backend)
+    with pytest.raises(RecipeError, match=message):
+        Trainer(cfg)
+    assert not (tmp_path / "bad").exists()
