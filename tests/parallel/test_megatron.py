@@ -66,8 +66,10 @@ def parity_rank(rank, world_size, tp, cp):
     return float(out.loss), logits, grads, float(backend.grad_norm())
 
 
-@pytest.mark.parametrize("tp, cp", [(2, 1), (1, 2), (2, 2)], ids=["tp2", "cp2", "tp2xcp2"])
-def test_loss_logits_and_gradients_match_one_process(tp, cp):
+@pytest.mark.parametrize("tp, cp, dp", [(2, 1, 1), (1, 2, 1), (2, 2, 1), (1, 1, 2)],
+                         ids=["tp2", "cp2", "tp2xcp2", "dp2"])
+def test_loss_logits_and_gradients_match_one_process(tp, cp, dp):
+    """(Every data-parallel rank gets the same batch here: their mean gradient is the one-process gradient.)"""
     model = tiny_model()
     ids, positions, labels = tiny_batch()
     out = model(ids, position_ids=positions, labels=labels)
@@ -75,7 +77,7 @@ def test_loss_logits_and_gradients_match_one_process(tp, cp):
     expected = {name: p.grad for name, p in model.named_parameters()}
     expected_norm = torch.sqrt(sum(g.double().pow(2).sum() for g in expected.values()))
 
-    results = run_distributed(parity_rank, world_size=tp * cp, args=(tp, cp), timeout_s=240)
+    results = run_distributed(parity_rank, world_size=tp * cp * dp, args=(tp, cp), timeout_s=240)
     for rank, (loss, logits, grads, norm) in enumerate(results):
         assert loss == pytest.approx(out.loss.item(), rel=RATIO), f"rank {rank}"
         assert_close(logits, out.logits, ratio=RATIO, name=f"rank {rank} logits")
