@@ -22,7 +22,10 @@ the reduce-scatter (sum) of the state gradients, i.e. LASP-2's suffix combinatio
 Sparse layers. K and V are all-gathered (differentiable, backward = reduce-scatter); each rank attends for
 its own queries over the keys of their document up to themselves: dense causal below ``dense_len`` (by the
 document's full length, as the single-device op decides), else InfLLM-V2's selection and block-sparse
-attention on the document's prefix, compressed keys pooled from the gathered K.
+attention on the document's prefix, compressed keys pooled from the gathered K. Not yet efficient: the
+sparse kernels take queries and keys of one length, so the local queries run behind zero queries that fill
+their document's prefix; CP divides the dense rows, the lightning layers and the MLPs, but not the
+InfLLM-V2 rows' work (that needs a query offset in kernels/sparse).
 
 Loss. Targets are shifted on the whole sequence before the split (a document's last token predicts nothing,
 also across a rank border); each rank's cross-entropy sum is divided by the global count, and the value
@@ -212,8 +215,9 @@ class ContextParallelShard:
     def of(cls, position_ids: torch.Tensor, group) -> "ContextParallelShard":
         """From the global position_ids [B, T] (documents start where the position is 0, and at every row)."""
         B, T = position_ids.shape
-        size = dist.get_world_size(group) if group is not None or dist.is_initialized() else 1
-        rank = dist.get_rank(group) if size > 1 else 0
+        distributed = dist.is_initialized()  # without a process group: one rank, the whole sequence
+        size = dist.get_world_size(group) if distributed else 1
+        rank = dist.get_rank(group) if distributed else 0
         _check_divisible(T, size)
         starts = (position_ids == 0).cpu()
         starts[:, 0] = True
@@ -372,6 +376,9 @@ def sparse_attention_cp(q, k, v, sparse_config: dict, shard: ContextParallelShar
     kv = all_gather_parts(torch.stack([k, v]), shard.group) if shard.size > 1 else torch.stack([k, v])[None]
     k_full, v_full = zigzag_unsplit(kv, shard.size, dim=2).unbind(0)  # [B, T, H_kv, D] each
     rows = []
+    # Documents at or above dense_len: the selection and the sparse kernels take queries and keys of one length,
+    # so the local queries go in at the end of their document's prefix behind zero queries, whose rows are
+    # wasted work: until the kernels accept a query offset, CP does not divide the sparse layers' work.
     for b in range(B):
         for _, segments in shard.local_chunks(b):
             for s in segments:
