@@ -55,8 +55,11 @@ def megatron_backend(model, world_size, tp, cp, seq_len=SEQ_LEN):
                            config=BackendConfig(name="megatron", tensor_parallel=tp, context_parallel=cp))
 
 
-def parity_rank(rank, world_size, tp, cp):
-    backend = megatron_backend(tiny_model(), world_size, tp, cp)
+def parity_rank(rank, world_size, tp, cp, checkpointing):
+    model = tiny_model()
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+    backend = megatron_backend(model, world_size, tp, cp)
     ids, positions, labels = tiny_batch()
     out = backend.model(ids, position_ids=positions, labels=labels)
     logits = out.logits.detach()
@@ -66,10 +69,12 @@ def parity_rank(rank, world_size, tp, cp):
     return float(out.loss), logits, grads, float(backend.grad_norm())
 
 
-@pytest.mark.parametrize("tp, cp, dp", [(2, 1, 1), (1, 2, 1), (2, 2, 1), (1, 1, 2)],
-                         ids=["tp2", "cp2", "tp2xcp2", "dp2"])
-def test_loss_logits_and_gradients_match_one_process(tp, cp, dp):
-    """(Every data-parallel rank gets the same batch here: their mean gradient is the one-process gradient.)"""
+@pytest.mark.parametrize("tp, cp, dp, checkpointing", [(2, 1, 1, False), (1, 2, 1, False), (2, 2, 1, True),
+                                                       (1, 1, 2, False)],
+                         ids=["tp2", "cp2", "tp2xcp2-activation-checkpointing", "dp2"])
+def test_loss_logits_and_gradients_match_one_process(tp, cp, dp, checkpointing):
+    """Every data-parallel rank gets the same batch here: their mean gradient is the one-process gradient.
+    With activation checkpointing the CP collectives run again inside the backward pass."""
     model = tiny_model()
     ids, positions, labels = tiny_batch()
     out = model(ids, position_ids=positions, labels=labels)
@@ -77,7 +82,7 @@ def test_loss_logits_and_gradients_match_one_process(tp, cp, dp):
     expected = {name: p.grad for name, p in model.named_parameters()}
     expected_norm = torch.sqrt(sum(g.double().pow(2).sum() for g in expected.values()))
 
-    results = run_distributed(parity_rank, world_size=tp * cp * dp, args=(tp, cp), timeout_s=240)
+    results = run_distributed(parity_rank, world_size=tp * cp * dp, args=(tp, cp, checkpointing), timeout_s=240)
     for rank, (loss, logits, grads, norm) in enumerate(results):
         assert loss == pytest.approx(out.loss.item(), rel=RATIO), f"rank {rank}"
         assert_close(logits, out.logits, ratio=RATIO, name=f"rank {rank} logits")
