@@ -49,6 +49,7 @@ from .context_parallel import ContextParallelModel, all_reduce_sum
 from .deepspeed import ensure_process_group
 
 CHECKPOINT_FOLDER = "megatron"
+GRADIENT_BUCKET = 2**26  # elements per all-reduce (256 MiB in fp32): no full flat copy of the gradients
 COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "o_gate", "z_proj", "gate_proj", "up_proj")
 ROW_PARALLEL = ("o_proj", "down_proj")
 
@@ -246,7 +247,7 @@ def gather_full(tensors: dict[str, torch.Tensor], shard_dims: dict[str, int], la
             continue
         pieces = [torch.empty_like(tensor) for _ in range(layout.tensor_parallel)]
         dist.all_gather(pieces, tensor.contiguous(), group=layout.tensor_group)
-        full[name] = torch.cat(pieces, dim)
+        full[name] = torch.cat(pieces, dim).cpu()  # one tensor at a time on the device
     return full
 
 
@@ -276,6 +277,8 @@ class MegatronBackend:
                  world_size: int, device: torch.device, config: BackendConfig):
         check_config(config, world_size)
         check_stage(stage, config)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # NCCL communicators live on the current device
         self.layout = initialize_parallel_state(config.tensor_parallel, config.context_parallel)
         self.shard_dims, self.partial_grads = {}, []
         if self.layout.tensor_parallel > 1:
@@ -311,41 +314,44 @@ class MegatronBackend:
         return [(name, p) for name, p in self._module.named_parameters() if p.requires_grad]
 
     def reduce_gradients(self) -> None:
-        """Sum over CP and mean over DP (one flat all-reduce), and sum the partial gradients over TP."""
+        """Sum over CP and mean over DP (flat all-reduces of buckets), and sum the partial gradients over TP."""
         trainable = self._trainable()
         for _, p in trainable:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         layout = self.layout
         if layout.data_parallel * layout.context_parallel > 1:
-            grads = [p.grad for _, p in trainable]
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat, group=layout.data_context_group)
-            flat /= layout.data_parallel
-            offset = 0
-            for g in grads:
-                g.copy_(flat[offset : offset + g.numel()].view_as(g))
-                offset += g.numel()
+            bucket, size = [], 0
+            for _, p in trainable:
+                bucket.append(p.grad)
+                size += p.numel()
+                if size >= GRADIENT_BUCKET:
+                    self._all_reduce_bucket(bucket)
+                    bucket, size = [], 0
+            if bucket:
+                self._all_reduce_bucket(bucket)
         if layout.tensor_parallel > 1:
             for name, p in trainable:
                 if name in self.partial_grads:
                     dist.all_reduce(p.grad, group=layout.tensor_group)
 
+    def _all_reduce_bucket(self, grads: list[torch.Tensor]) -> None:
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=self.layout.data_context_group)
+        flat /= self.layout.data_parallel
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
     def grad_norm(self) -> torch.Tensor:
         """The L2 norm of the whole model's gradient: TP shards summed over the TP group, replicas counted once."""
-        sharded = torch.zeros((), dtype=torch.float64)
-        replicated = torch.zeros((), dtype=torch.float64)
+        squares = torch.zeros(2, dtype=torch.float64, device=self._device())  # sharded, replicated
         for name, p in self._trainable():
-            square = p.grad.detach().double().pow(2).sum().cpu()
-            if name in self.shard_dims:
-                sharded += square
-            else:
-                replicated += square
+            squares[0 if name in self.shard_dims else 1] += p.grad.detach().double().pow(2).sum()
         if self.layout.tensor_parallel > 1:
-            sharded = sharded.to(self._device())
-            dist.all_reduce(sharded, group=self.layout.tensor_group)
-            sharded = sharded.cpu()
-        return (sharded + replicated).sqrt()
+            dist.all_reduce(squares[:1], group=self.layout.tensor_group)
+        return squares.sum().sqrt().cpu()
 
     def _device(self) -> torch.device:
         return next(self._module.parameters()).device
@@ -374,9 +380,10 @@ class MegatronBackend:
     def full_weights(self):
         """Inside the block, ``module`` on global rank 0 is a single-device model with the full weights (for
         the HF export); every rank must enter it (the shards are gathered over the TP groups)."""
-        state = self.full_state()
-        if dist.get_rank() == 0:
-            self._export = self._single_device_copy(state)
+        if self.layout.context_rank == 0 and self.layout.data_rank == 0:  # the TP group of global rank 0
+            state = self.full_state()
+            if dist.get_rank() == 0:
+                self._export = self._single_device_copy({name: t.cpu() for name, t in state.items()})
         try:
             yield
         finally:

@@ -56,6 +56,9 @@ def megatron_backend(model, world_size, tp, cp, seq_len=SEQ_LEN):
 
 
 def parity_rank(rank, world_size, tp, cp, checkpointing):
+    import sala_train.parallel.megatron as megatron
+
+    megatron.GRADIENT_BUCKET = 4096  # several all-reduce buckets even for the tiny model
     model = tiny_model()
     if checkpointing:
         model.gradient_checkpointing_enable()
