@@ -156,13 +156,13 @@ class SparseLayout:
     """Query tiles (BQ consecutive tokens of one sequence), the union of their tokens' blocks with a bit
     mask of the choosing tokens, and the global numbering of key blocks (never across sequences)."""
 
-    def __init__(self, idx: torch.Tensor, seq_bounds: list[int], block_size: int, BQ: int):
+    def __init__(self, idx: torch.Tensor, seq_bounds: list[int], block_size: int, BQ: int, query_start: int = 0):
         device = idx.device
         Hk, TT, S = idx.shape
         tile_start, tile_len, tile_seq_start, block_start, block_len, block_offset = [], [], [], [], [], []
         for s, e in zip(seq_bounds[:-1], seq_bounds[1:]):
             block_offset.append(len(block_start))
-            for t in range(s, e, BQ):
+            for t in range(s + query_start, e, BQ):  # rows before query_start: no tile, not computed
                 tile_start.append(t)
                 tile_len.append(min(BQ, e - t))
                 tile_seq_start.append(s)
@@ -177,13 +177,17 @@ class SparseLayout:
         NT = self.num_tiles
         tile_of_token = torch.repeat_interleave(torch.arange(NT, device=device),
                                                 torch.tensor(tile_len, device=device)) if NT else None
-        slot_of_token = torch.arange(TT, device=device) - torch.tensor(tile_start, device=device)[tile_of_token] if NT else None
+        # the tokens the tiles cover, in tile order (every token unless query_start > 0)
+        covered = (torch.arange(TT, device=device) if not query_start else
+                   torch.cat([torch.arange(t, t + n, device=device) for t, n in zip(tile_start, tile_len)])
+                   if NT else None)
+        slot_of_token = covered - torch.tensor(tile_start, device=device)[tile_of_token] if NT else None
         seq_lengths = [e - s for s, e in zip(seq_bounds[:-1], seq_bounds[1:])]
         self.tok_block_offset = torch.repeat_interleave(torch.tensor(block_offset, dtype=torch.int64, device=device),
                                                         torch.tensor(seq_lengths, device=device)) if NT else None
         grid = torch.full((Hk, NT, BQ, S), -1, dtype=torch.int64, device=device)
         if NT:
-            grid[:, tile_of_token, slot_of_token] = idx.long()
+            grid[:, tile_of_token, slot_of_token] = idx[:, covered].long()
         flat = grid.reshape(Hk, NT, BQ * S)
         bit = (torch.ones((), dtype=torch.int64, device=device) << torch.arange(BQ, device=device)).repeat_interleave(S)
         # union: sort the tile's ids, keep the first of each run, OR the token bits of the run
@@ -230,21 +234,22 @@ def _config(G: int, D: int) -> dict:
 
 class SparseAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, idx, seq_bounds, block_size, scale):
+    def forward(ctx, q, k, v, idx, seq_bounds, block_size, scale, query_start=0):
         TT, Hq, D = q.shape
         Hk = k.shape[1]
         G = Hq // Hk
         cfg = _config(G, D)
-        layout = SparseLayout(idx, seq_bounds, block_size, cfg["BQ"])
-        o = torch.empty_like(q)
-        lse = torch.empty(TT, Hq, dtype=torch.float32, device=q.device)
+        layout = SparseLayout(idx, seq_bounds, block_size, cfg["BQ"], query_start)
+        # rows before query_start are not computed: zeros (and no gradient) there
+        o = torch.zeros_like(q) if query_start else torch.empty_like(q)
+        lse = (torch.zeros if query_start else torch.empty)(TT, Hq, dtype=torch.float32, device=q.device)
         if layout.num_tiles:
             _sparse_fwd_kernel[(layout.num_tiles, Hk)](
                 q, k, v, o, lse, layout.union, layout.member, layout.tile_start, layout.tile_len,
                 layout.tile_seq_start, scale, layout.num_tiles, layout.U, HQ=Hq, HK=Hk, G=G, BG=cfg["BG"], D=D,
                 BS=block_size, BQ=cfg["BQ"], num_warps=cfg["warps"])
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.layout, ctx.block_size, ctx.scale, ctx.cfg = layout, block_size, scale, cfg
+        ctx.layout, ctx.block_size, ctx.scale, ctx.cfg, ctx.query_start = layout, block_size, scale, cfg, query_start
         return o
 
     @staticmethod
@@ -256,7 +261,8 @@ class SparseAttentionFunction(torch.autograd.Function):
         G = Hq // Hk
         do = do.contiguous()
         delta = (o.float() * do.float()).sum(-1)  # [TT, Hq]
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        dq = torch.zeros_like(q) if ctx.query_start else torch.empty_like(q)
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
         if layout.num_tiles:
             common = dict(HQ=Hq, HK=Hk, G=G, BG=cfg["BG"], D=D, BS=block_size, BQ=cfg["BQ"], num_warps=cfg["warps"])
             _sparse_dq_kernel[(layout.num_tiles, Hk)](
@@ -266,9 +272,11 @@ class SparseAttentionFunction(torch.autograd.Function):
             _sparse_dkv_kernel[(layout.num_blocks, Hk)](
                 q, k, v, do, lse, delta, dk, dv, layout.blk_key_start, layout.blk_key_len, offsets, tiles, members,
                 layout.tile_start, layout.tile_len, scale, layout.num_blocks, **common)
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None
 
 
-def triton_sparse_attention(q, k, v, idx, seq_bounds, block_size: int, scale: float) -> torch.Tensor:
-    """q [TT, H_q, D], k, v [TT, H_kv, D], idx [H_kv, TT, S] (int32, contiguous) -> o [TT, H_q, D]."""
-    return SparseAttentionFunction.apply(q, k, v, idx, seq_bounds, block_size, scale)
+def triton_sparse_attention(q, k, v, idx, seq_bounds, block_size: int, scale: float,
+                            query_start: int = 0) -> torch.Tensor:
+    """q [TT, H_q, D], k, v [TT, H_kv, D], idx [H_kv, TT, S] (int32, contiguous) -> o [TT, H_q, D]; the first
+    ``query_start`` rows of every sequence are not computed (zeros)."""
+    return SparseAttentionFunction.apply(q, k, v, idx, seq_bounds, block_size, scale, query_start)

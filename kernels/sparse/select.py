@@ -161,8 +161,9 @@ def triton_supports(block_size: int, kernel_size: int, kernel_stride: int, D: in
 
 @torch.no_grad()
 def triton_select_blocks(q, k, seq_bounds, *, block_size, kernel_size, kernel_stride, init_blocks, local_blocks, topk,
-                         scale) -> torch.Tensor:
-    """q [TT, H_q, D], k [TT, H_kv, D] (flattened tokens) -> block indices [H_kv, TT, slots] int32."""
+                         scale, query_start: int = 0) -> torch.Tensor:
+    """q [TT, H_q, D], k [TT, H_kv, D] (flattened tokens) -> block indices [H_kv, TT, slots] int32. The first
+    ``query_start`` rows of every sequence are not scored (left -1)."""
     TT, Hq, D = q.shape
     Hk = k.shape[1]
     G = Hq // Hk
@@ -179,7 +180,7 @@ def triton_select_blocks(q, k, seq_bounds, *, block_size, kernel_size, kernel_st
     BT = max(1, 64 // BG)
     tile_pos, tile_seq = [], []
     for n, (s, e) in enumerate(zip(seq_bounds[:-1], seq_bounds[1:])):
-        for t in range(s, e, BT):
+        for t in range(s + query_start, e, BT):
             tile_pos.append(t)
             tile_seq.append(n)
     idx = torch.full((Hk, TT, slots), -1, dtype=torch.int32, device=device)

@@ -22,10 +22,9 @@ the reduce-scatter (sum) of the state gradients, i.e. LASP-2's suffix combinatio
 Sparse layers. K and V are all-gathered (differentiable, backward = reduce-scatter); each rank attends for
 its own queries over the keys of their document up to themselves: dense causal below ``dense_len`` (by the
 document's full length, as the single-device op decides), else InfLLM-V2's selection and block-sparse
-attention on the document's prefix, compressed keys pooled from the gathered K. Not yet efficient: the
-sparse kernels take queries and keys of one length, so the local queries run behind zero queries that fill
-their document's prefix; CP divides the dense rows, the lightning layers and the MLPs, but not the
-InfLLM-V2 rows' work (that needs a query offset in kernels/sparse).
+attention on the document's prefix, compressed keys pooled from the gathered K. The kernels take queries and
+keys of one length: the local queries stand at the end of their document's prefix behind zero rows that the
+kernels skip (``query_start``), so each rank scores and attends only for its own queries.
 
 Loss. Targets are shifted on the whole sequence before the split (a document's last token predicts nothing,
 also across a rank border); each rank's cross-entropy sum is divided by the global count, and the value
@@ -330,15 +329,26 @@ def _selection(sparse_config: dict) -> dict:
                 topk=sparse_config["topk"])
 
 
+def _select_reference(q, k, query_start=0, **selection):
+    from ..kernels.sparse.naive import select_blocks_reference
+
+    return select_blocks_reference(q, k, **selection)  # computes the leading rows too: only slower
+
+
+def _attend_reference(q, k, v, block_indices, query_start=0, **options):
+    from ..kernels.sparse.naive import sparse_attention_reference
+
+    return sparse_attention_reference(q, k, v, block_indices, **options)
+
+
 def sparse_pieces(backend_op) -> tuple:
     """(select_blocks, sparse_attention) that match a mixer's sparse op: the plain references beside the
-    torch op, the kernels' public ops (Triton on CUDA) otherwise."""
+    torch op, the kernels' public ops (Triton on CUDA) otherwise. Both take ``query_start``."""
     from ..kernels.sparse import select_blocks, sparse_attention
-    from ..kernels.sparse.naive import select_blocks_reference, sparse_attention_reference
     from ..models.sala.modeling_minicpm_sala import sparse_attention_torch
 
     if backend_op is sparse_attention_torch:
-        return select_blocks_reference, sparse_attention_reference
+        return _select_reference, _attend_reference
     return select_blocks, sparse_attention
 
 
@@ -346,7 +356,8 @@ def _attend_document_rows(q, k, v, sparse_config: dict, doc_len: int, scale: flo
     """Queries q [1, n, H_q, D] at the last n of the S positions of one document's prefix k, v [1, S, H_kv, D]:
     dense causal when the whole document is shorter than dense_len, else InfLLM-V2 on the prefix (a row's
     selection depends only on its query and the keys up to it, so the prefix gives the rows of the full
-    document; zero queries stand in front of the local ones)."""
+    document; zero queries stand in front of the local ones, and ``query_start`` tells the kernels to skip
+    their rows)."""
     from torch.nn.attention.bias import causal_lower_right
 
     from ..models.attention import masked_attention
@@ -357,8 +368,9 @@ def _attend_document_rows(q, k, v, sparse_config: dict, doc_len: int, scale: flo
         return masked_attention(q, k, v, causal_lower_right(n, S), scale=scale)
     padded = torch.cat([q.new_zeros(1, S - n, *q.shape[2:]), q], dim=1)
     with torch.no_grad():  # the selection is not differentiated (SPEC 4)
-        blocks = select(padded, k, scale=scale, **_selection(sparse_config))
-    return attend(padded, k, v, blocks, block_size=sparse_config["block_size"], scale=scale)[:, S - n :]
+        blocks = select(padded, k, scale=scale, query_start=S - n, **_selection(sparse_config))
+    return attend(padded, k, v, blocks, block_size=sparse_config["block_size"], scale=scale,
+                  query_start=S - n)[:, S - n :]
 
 
 def sparse_attention_cp(q, k, v, sparse_config: dict, shard: ContextParallelShard, scale=None, pieces=None):
@@ -377,8 +389,8 @@ def sparse_attention_cp(q, k, v, sparse_config: dict, shard: ContextParallelShar
     k_full, v_full = zigzag_unsplit(kv, shard.size, dim=2).unbind(0)  # [B, T, H_kv, D] each
     rows = []
     # Documents at or above dense_len: the selection and the sparse kernels take queries and keys of one length,
-    # so the local queries go in at the end of their document's prefix behind zero queries, whose rows are
-    # wasted work: until the kernels accept a query offset, CP does not divide the sparse layers' work.
+    # so the local queries go in at the end of their document's prefix behind zero queries, whose rows the
+    # kernels skip (query_start); the work left per rank is its own rows (plus the pooling of the prefix's keys).
     for b in range(B):
         for _, segments in shard.local_chunks(b):
             for s in segments:

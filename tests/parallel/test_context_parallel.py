@@ -6,6 +6,7 @@ incoming state added after the local output), so the outputs and gradients agree
 ratio of 1e-5 leaves two orders of margin over what we see (~1e-7) and fails on any wrong term (~1e-1).
 """
 
+import pytest
 import torch
 
 from sala_train.parallel.context_parallel import (
@@ -72,8 +73,6 @@ def test_zigzag_split_cu_seqlens():
 
 
 def test_split_needs_a_multiple_of_twice_the_ranks():
-    import pytest
-
     with pytest.raises(ValueError, match="multiple of 4"):
         zigzag_split(torch.zeros(1, 6), 0, 2)
 
@@ -114,7 +113,7 @@ def test_lightning_attention_cp_matches_one_process():
         assert_close(actual, expected[index], ratio=RATIO, name=f"lightning {name}")
 
 
-def sparse_rank(rank, world_size):
+def sparse_rank(rank, world_size, kernels):
     import torch.distributed as dist
 
     from sala_train.models.sala.modeling_minicpm_sala import sparse_attention_torch
@@ -122,12 +121,16 @@ def sparse_rank(rank, world_size):
     q, k, v, weight = _inputs(4, 2)
     shard = ContextParallelShard.of(_position_ids(), dist.group.WORLD)
     lq, lk, lv = _local_leaves((q, k, v), shard)
-    o = sparse_attention_cp(lq, lk, lv, SPARSE_CONFIG, shard, scale=0.25, pieces=sparse_pieces(sparse_attention_torch))
+    # kernels: the public ops, the Triton kernels (Triton's interpreter on CPU: TRITON_INTERPRET is inherited
+    # from tests/conftest.py), skipping the zero rows in front of the local queries (query_start)
+    pieces = None if kernels else sparse_pieces(sparse_attention_torch)
+    o = sparse_attention_cp(lq, lk, lv, SPARSE_CONFIG, shard, scale=0.25, pieces=pieces)
     (o * shard.split(weight)).sum().backward()
     return o.detach(), lq.grad, lk.grad, lv.grad
 
 
-def test_sparse_attention_cp_matches_one_process():
+@pytest.mark.parametrize("kernels", [False, True], ids=["references", "kernels"])
+def test_sparse_attention_cp_matches_one_process(kernels):
     from sala_train.models.sala.modeling_minicpm_sala import sparse_attention_torch
 
     q, k, v, weight = _inputs(4, 2)
@@ -140,7 +143,7 @@ def test_sparse_attention_cp_matches_one_process():
     dense = sparse_attention_torch(*flat, {**SPARSE_CONFIG, "dense_len": 10**9}, cu_seqlens=_cu_seqlens(), scale=0.25)
     assert (dense.reshape(q.shape) - o).abs().max() > 1e-3
 
-    results = run_distributed(sparse_rank, world_size=2, timeout_s=120)
+    results = run_distributed(sparse_rank, world_size=2, args=(kernels,), timeout_s=240)
     for index, name in enumerate(("o", "dq", "dk", "dv")):
         actual = zigzag_unsplit([r[index] for r in results], 2)
         assert_close(actual, expected[index], ratio=RATIO, name=f"sparse {name}")
