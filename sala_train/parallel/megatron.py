@@ -78,6 +78,10 @@ def check_config(backend: BackendConfig, world_size: int) -> None:
     if world_size % model_parallel_size(backend):
         raise RecipeError(f"the world size {world_size} is not a multiple of backend.tensor_parallel x "
                           f"backend.context_parallel = {backend.tensor_parallel} x {backend.context_parallel}")
+    if backend.bf16 and not torch.cuda.is_available():
+        # megatron's parallel linears restore autocast in their backward pass for CUDA only
+        raise RecipeError("backend.bf16 = true on the megatron backend is CUDA bf16 autocast; without a GPU train "
+                          "in fp32 (backend.bf16=false)")
     if backend.offload_optimizer:
         raise RecipeError("backend.offload_optimizer is a deepspeed setting; the megatron backend keeps the "
                           "optimizer on the device")

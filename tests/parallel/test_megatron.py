@@ -186,6 +186,8 @@ def test_megatron_export_is_the_hf_layout_with_full_weights(trainer_runs):
     (4, dict(tensor_parallel=3), "not a multiple of backend.tensor_parallel"),
     (6, dict(context_parallel=3), "multiple of 2 x backend.context_parallel = 6"),
     (1, dict(offload_optimizer=True), "offload_optimizer is a deepspeed setting"),
+    pytest.param(1, dict(bf16=True), "without a GPU train in fp32",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="bf16 runs where there is a GPU")),
 ])
 def test_impossible_megatron_recipes_fail_before_loading(tmp_path, monkeypatch, world, change, message):
     from sala_train.testing.training import tiny_train_config
