@@ -311,8 +311,9 @@ def lightning_attention_cp(op, q, k, v, decay, shard: ContextParallelShard, scal
             n = first.end - first.start
             t = torch.arange(1, n + 1, device=q.device, dtype=torch.float32)
             qs = q[b, i * C : i * C + n].float()  # [n, H, D]
-            extra = scale * torch.exp(g[None, :] * t[:, None])[..., None] * torch.einsum("thk,hkv->thv", qs,
-                                                                                           incoming)
+            with torch.autocast(q.device.type, enabled=False):  # q S_in with the fp32 state, also under bf16 autocast
+                extra = scale * torch.exp(g[None, :] * t[:, None])[..., None] * torch.einsum("thk,hkv->thv", qs,
+                                                                                               incoming)
             rows.append(torch.cat([(o[0, :n].float() + extra).to(o.dtype), o[0, n:]])[None])
         result.append(torch.cat(rows))
     return torch.cat(result, dim=1).reshape(shape)
