@@ -163,10 +163,58 @@ def print_kernel_profile(T, B, H=32, D=128):
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
 
 
+SWEEP_CONFIGS = (
+    {},
+    # BV 128: one program per (block, head) reads q and k once instead of once per V tile
+    {"BV": 128, "warps_fwd": 8},
+    {"BV": 128, "warps_fwd": 8, "stages_fwd": 2},
+    {"BV": 128, "warps_fwd": 4},
+    {"C": 32, "BV": 128, "warps_fwd": 4},
+    {"stages_fwd": 2},
+)
+SWEEP_BWD = ({}, {"stages_bwd": 1}, {"stages_bwd": 3}, {"warps_bwd": 4}, {"C": 32, "warps_bwd": 4})
+
+
+def run_sweep(H=32, D=128):
+    """Forward time of each launch configuration x block length at 64 x 4K and 4 x 64K; then backward
+    variants at 4 x 64K. Prints one line per point."""
+    sweep = {}
+    g = sala_decay(H).cuda()
+    for T, B in ((4096, 64), (65536, 4), (262144, 1)):
+        torch.manual_seed(1)
+        q, k, v = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        for override in SWEEP_CONFIGS:
+            for block_len in (None, 512, 1024, 2048, 4096, 8192):
+                if block_len and block_len > T:
+                    continue
+                chunk_module.KERNEL_OVERRIDES.clear()
+                chunk_module.KERNEL_OVERRIDES.update(override)
+                key = f"fwd T={T} B={B} {json.dumps(override)} L={block_len}"
+                try:
+                    with torch.no_grad():
+                        sweep[key] = bench(lambda: lightning_attention(q, k, v, g, block_len=block_len), 50)
+                except Exception as err:  # noqa: BLE001
+                    sweep[key] = str(err)[:100]
+                print("sweep", key, sweep[key], flush=True)
+        del q, k, v
+    for override in SWEEP_BWD:
+        chunk_module.KERNEL_OVERRIDES.clear()
+        chunk_module.KERNEL_OVERRIDES.update(override)
+        key = f"f+b T=65536 B=4 {json.dumps(override)}"
+        try:
+            sweep[key] = time_variants(None, 65536, 4, with_sdpa=False, rep_ms=100)["ours_fwdbwd"]
+        except Exception as err:  # noqa: BLE001
+            sweep[key] = str(err)[:100]
+        print("sweep", key, sweep[key], flush=True)
+    chunk_module.KERNEL_OVERRIDES.clear()
+    return sweep
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--sweep-only", action="store_true", help="only the launch-configuration sweep")
     parser.add_argument("--no-sdpa", action="store_true")
     parser.add_argument("--out", default=None, help="write results as JSON here")
     args = parser.parse_args()
@@ -175,36 +223,17 @@ def main():
     print(f"device {props.name}, torch {torch.__version__}, triton {triton.__version__}, fla {fla_version}")
     t0 = time.time()
     results = {"device": props.name, "torch": torch.__version__, "triton": triton.__version__, "fla": fla_version}
-    results["correctness"] = check_correctness(fla_chunk)
-    print(f"(correctness took {time.time() - t0:.0f} s)")
+    if not args.sweep_only:
+        results["correctness"] = check_correctness(fla_chunk)
+        print(f"(correctness took {time.time() - t0:.0f} s)")
 
     sizes = [(4096, 64), (16384, 16), (65536, 4), (262144, 1)]
     if args.quick:
         sizes = [(4096, 64), (65536, 4)]
-    if args.sweep:
-        sweep = {}
-        # BV 128 with 8 warps: one program per (block, head) reads q and k once instead of once per V tile
-        for override in ({}, {"BV": 128, "warps_fwd": 8}, {"BV": 128, "warps_fwd": 8, "stages_fwd": 2},
-                         {"C": 32}, {"C": 32, "BV": 128, "warps_fwd": 8}, {"stages_bwd": 1}, {"stages_bwd": 3},
-                         {"warps_bwd": 4}):
-            chunk_module.KERNEL_OVERRIDES.clear()
-            chunk_module.KERNEL_OVERRIDES.update(override)
-            try:
-                r = time_variants(None, 65536, 4, with_sdpa=False, rep_ms=100)
-                sweep[json.dumps(override)] = (r["ours_fwd"], r["ours_fwdbwd"])
-            except Exception as err:  # noqa: BLE001
-                sweep[json.dumps(override)] = str(err)[:100]
-            print("sweep", override, sweep[json.dumps(override)], flush=True)
-        chunk_module.KERNEL_OVERRIDES.clear()
-        for block_len in (256, 1024, 4096):
-            r = {}
-            torch.manual_seed(1)
-            q, k, v = (torch.randn(4, 65536, 32, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-            g = sala_decay(32).cuda()
-            with torch.no_grad():
-                t = bench(lambda: lightning_attention(q, k, v, g, block_len=block_len), 100)
-            print("block_len", block_len, f"{t:.3f} ms fwd", flush=True)
-        results["sweep"] = sweep
+    if args.sweep or args.sweep_only:
+        results["sweep"] = run_sweep()
+        if args.sweep_only:
+            return
 
     print_kernel_profile(65536, 4)
     table = []

@@ -21,7 +21,7 @@ from .naive import (
 )
 
 __all__ = ["SparseConfig", "compress_keys", "select_blocks", "sparse_attention", "infllmv2_attention",
-           "infllmv2_decode"]
+           "infllmv2_prefill", "infllmv2_decode"]
 
 
 @dataclass(frozen=True)
@@ -94,17 +94,17 @@ def _positions(cu_seqlens, B: int, T: int, device) -> torch.Tensor:
     return position
 
 
-def _rows_before(query_start: int, cu_seqlens, B: int, T: int, device) -> torch.Tensor:
-    """[B, T] bool: the rows whose position in their sequence is below ``query_start``."""
-    return _positions(cu_seqlens, B, T, device) < query_start
+def _rows_before(q_start: int, cu_seqlens, B: int, T: int, device) -> torch.Tensor:
+    """[B, T] bool: the rows whose position in their sequence is below ``q_start``."""
+    return _positions(cu_seqlens, B, T, device) < q_start
 
 
 @torch.no_grad()
 def select_blocks(q, k, *, block_size=64, kernel_size=32, kernel_stride=16, init_blocks=1, local_blocks=32, topk=64,
-                  scale=None, cu_seqlens=None, query_start: int = 0) -> torch.Tensor:
+                  scale=None, cu_seqlens=None, q_start: int = 0) -> torch.Tensor:
     """Block indices [B, H_kv, T, init + local + topk] (int32, ascending, -1 = empty). No gradient.
 
-    ``query_start``: the first rows of every sequence are not scored (all -1): queries that only stand in
+    ``q_start``: the first rows of every sequence are not scored (all -1): queries that only stand in
     front of the ones wanted, e.g. a context-parallel rank's own queries at the end of their document's prefix.
     """
     _check(q, k)
@@ -115,15 +115,18 @@ def select_blocks(q, k, *, block_size=64, kernel_size=32, kernel_stride=16, init
         idx = select_blocks_reference(q, k, block_size=block_size, kernel_size=kernel_size,
                                       kernel_stride=kernel_stride, init_blocks=init_blocks, local_blocks=local_blocks,
                                       topk=topk, scale=scale, cu_seqlens=cu_seqlens)
-        if query_start:
-            idx = idx.masked_fill(_rows_before(query_start, cu_seqlens, B, T, q.device)[:, None, :, None], -1)
+        if q_start:
+            idx = idx.masked_fill(_rows_before(q_start, cu_seqlens, B, T, q.device)[:, None, :, None], -1)
         return idx
     scale = D**-0.5 if scale is None else float(scale)
     flat = lambda x: x.contiguous().view(B * T, x.shape[2], D)  # noqa: E731
     idx = triton_select_blocks(flat(q), flat(k), _seq_bounds(cu_seqlens, B, T), block_size=block_size,
                                kernel_size=kernel_size, kernel_stride=kernel_stride, init_blocks=init_blocks,
-                               local_blocks=local_blocks, topk=topk, scale=scale, query_start=query_start)
-    return idx.view(k.shape[2], B, T, -1).permute(1, 0, 2, 3)
+                               local_blocks=local_blocks, topk=topk, scale=scale, q_start=q_start)
+    idx = idx.view(k.shape[2], B, T, -1).permute(1, 0, 2, 3)
+    if q_start:  # the tile that crosses q_start scores its earlier rows too: clear them as promised
+        idx = idx.masked_fill(_rows_before(q_start, cu_seqlens, B, T, q.device)[:, None, :, None], -1)
+    return idx
 
 
 TRITON_HEAD_DIMS = (16, 32, 64, 128)
@@ -141,12 +144,12 @@ def _seq_bounds(cu_seqlens, B: int, T: int) -> list[int]:
 
 
 def sparse_attention(q, k, v, block_indices, *, block_size=64, scale=None, cu_seqlens=None,
-                     query_start: int = 0) -> torch.Tensor:
+                     q_start: int = 0) -> torch.Tensor:
     """Exact softmax attention of each query over the keys of its selected blocks (causal).
 
     q [B, T, H_q, D], k, v [B, T, H_kv, D], block_indices [B, H_kv, T, S] (from ``select_blocks``;
     relative to each sequence's start) -> o [B, T, H_q, D]. Differentiable in q, k, v. The first
-    ``query_start`` rows of every sequence are not computed (zeros, no gradient; see ``select_blocks``).
+    ``q_start`` rows of every sequence are not computed (zeros, no gradient; see ``select_blocks``).
     """
     _check(q, k, v)
     B, T, Hq, D = q.shape
@@ -155,12 +158,12 @@ def sparse_attention(q, k, v, block_indices, *, block_size=64, scale=None, cu_se
                          f"got {list(block_indices.shape)}")
     scale = D**-0.5 if scale is None else float(scale)
     if not _use_triton(q, block_size):
-        if not query_start:
+        if not q_start:
             return sparse_attention_reference(q, k, v, block_indices, block_size=block_size, scale=scale,
                                               cu_seqlens=cu_seqlens)
         # the skipped rows attend to their own block (a finite softmax, so no NaN reaches the gradients) and
         # are zeroed after
-        before = _rows_before(query_start, cu_seqlens, B, T, q.device)
+        before = _rows_before(q_start, cu_seqlens, B, T, q.device)
         own_block = _positions(cu_seqlens, B, T, q.device) // block_size
         indices = torch.where(before[:, None, :, None], own_block[:, None, :, None].to(block_indices.dtype),
                               block_indices)
@@ -172,7 +175,9 @@ def sparse_attention(q, k, v, block_indices, *, block_size=64, scale=None, cu_se
     flat = lambda x: x.contiguous().view(B * T, x.shape[2], D)  # noqa: E731
     idx = block_indices.permute(1, 0, 2, 3).reshape(Hk, B * T, -1).to(torch.int32).contiguous()
     o = triton_sparse_attention(flat(q), flat(k), flat(v), idx, _seq_bounds(cu_seqlens, B, T), block_size, scale,
-                                query_start)
+                                q_start)
+    if q_start:  # the tile that crosses q_start computes its earlier rows too: zero them as promised
+        o = o.masked_fill(_rows_before(q_start, cu_seqlens, B, T, q.device).reshape(B * T)[:, None, None], 0.0)
     return o.view(B, T, Hq, D)
 
 
@@ -220,6 +225,51 @@ def infllmv2_attention(q, k, v, config: SparseConfig | dict | None = None, cu_se
             part = _dense(*sub, scale, cu)
         out[:, index] = part
     return out
+
+
+@torch.no_grad()
+def infllmv2_prefill(q, k, v, config: SparseConfig | dict | None = None, scale=None) -> torch.Tensor:
+    """The queries of one prefill chunk against the cache: q [B, T, H_q, D] at the last T of the S
+    positions of k, v [B, S, H_kv, D] (the chunk's own keys appended) -> o [B, T, H_q, D]. Inference only.
+
+    Each row gets exactly what the full prefill of S tokens gives it: dense causal below ``dense_len``,
+    else its own block selection and sparse attention (a row depends only on its query and the keys up to
+    it). The Triton path selects and attends for the T new rows only, so a long prompt prefilled in chunks
+    costs what one prefill costs; the reference path computes the S rows and keeps the last T.
+    """
+    config = config if isinstance(config, SparseConfig) else SparseConfig.from_dict(config)
+    _check(q[:, :1], k[:, :1], v[:, :1])
+    B, T, Hq, D = q.shape
+    S = k.shape[1]
+    if k.shape[0] != B or T > S:
+        raise ValueError(f"infllmv2_prefill: q [B={B}, T={T}] must be the last rows of k [B, S={S}] "
+                         f"(got k {list(k.shape)})")
+    if T == S:
+        return infllmv2_attention(q, k, v, config, scale=scale)
+    if S < config.dense_len:
+        from sala_train.models.attention import cached_causal_mask, masked_attention
+
+        return masked_attention(q, k, v, cached_causal_mask(T, S - T), scale=scale)
+    padded = q.new_zeros(B, S, Hq, D)
+    padded[:, S - T:] = q
+    from .select import triton_select_blocks, triton_supports
+
+    if not (_use_triton(q, config.block_size)
+            and triton_supports(config.block_size, config.kernel_size, config.kernel_stride, D)):
+        return infllmv2_attention(padded, k, v, config, scale=scale)[:, S - T:]
+    from .attention import triton_sparse_attention
+
+    scale = D**-0.5 if scale is None else float(scale)
+    Hk = k.shape[2]
+    flat = lambda x: x.contiguous().view(B * S, x.shape[2], D)  # noqa: E731
+    bounds = _seq_bounds(None, B, S)
+    idx = triton_select_blocks(flat(padded), flat(k), bounds, block_size=config.block_size,
+                               kernel_size=config.kernel_size, kernel_stride=config.kernel_stride,
+                               init_blocks=config.init_blocks, local_blocks=config.local_blocks, topk=config.topk,
+                               scale=scale, q_start=S - T)
+    o = triton_sparse_attention(flat(padded), flat(k), flat(v), idx, bounds, config.block_size, scale,
+                                q_start=S - T)
+    return o.view(B, S, Hq, D)[:, S - T:]
 
 
 @torch.no_grad()

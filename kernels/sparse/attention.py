@@ -156,13 +156,18 @@ class SparseLayout:
     """Query tiles (BQ consecutive tokens of one sequence), the union of their tokens' blocks with a bit
     mask of the choosing tokens, and the global numbering of key blocks (never across sequences)."""
 
-    def __init__(self, idx: torch.Tensor, seq_bounds: list[int], block_size: int, BQ: int, query_start: int = 0):
+    def __init__(self, idx: torch.Tensor, seq_bounds: list[int], block_size: int, BQ: int, q_start: int = 0):
+        """``q_start``: tiles wholly before position q_start of their sequence are left out (their rows
+        are not computed): a chunked prefill's new queries, or a context-parallel rank's own queries, are the
+        last rows."""
         device = idx.device
         Hk, TT, S = idx.shape
         tile_start, tile_len, tile_seq_start, block_start, block_len, block_offset = [], [], [], [], [], []
         for s, e in zip(seq_bounds[:-1], seq_bounds[1:]):
             block_offset.append(len(block_start))
-            for t in range(s + query_start, e, BQ):  # rows before query_start: no tile, not computed
+            for t in range(s, e, BQ):
+                if t + BQ <= s + q_start:
+                    continue
                 tile_start.append(t)
                 tile_len.append(min(BQ, e - t))
                 tile_seq_start.append(s)
@@ -177,17 +182,16 @@ class SparseLayout:
         NT = self.num_tiles
         tile_of_token = torch.repeat_interleave(torch.arange(NT, device=device),
                                                 torch.tensor(tile_len, device=device)) if NT else None
-        # the tokens the tiles cover, in tile order (every token unless query_start > 0)
-        covered = (torch.arange(TT, device=device) if not query_start else
-                   torch.cat([torch.arange(t, t + n, device=device) for t, n in zip(tile_start, tile_len)])
-                   if NT else None)
-        slot_of_token = covered - torch.tensor(tile_start, device=device)[tile_of_token] if NT else None
+        # the tokens the tiles cover, in tile order (all tokens unless q_start leaves some out)
+        tokens = (torch.arange(TT, device=device) if not q_start else torch.cat(
+            [torch.arange(t, t + n, device=device) for t, n in zip(tile_start, tile_len)])) if NT else None
+        slot_of_token = tokens - torch.tensor(tile_start, device=device)[tile_of_token] if NT else None
         seq_lengths = [e - s for s, e in zip(seq_bounds[:-1], seq_bounds[1:])]
         self.tok_block_offset = torch.repeat_interleave(torch.tensor(block_offset, dtype=torch.int64, device=device),
                                                         torch.tensor(seq_lengths, device=device)) if NT else None
         grid = torch.full((Hk, NT, BQ, S), -1, dtype=torch.int64, device=device)
         if NT:
-            grid[:, tile_of_token, slot_of_token] = idx[:, covered].long()
+            grid[:, tile_of_token, slot_of_token] = idx[:, tokens].long()
         flat = grid.reshape(Hk, NT, BQ * S)
         bit = (torch.ones((), dtype=torch.int64, device=device) << torch.arange(BQ, device=device)).repeat_interleave(S)
         # union: sort the tile's ids, keep the first of each run, OR the token bits of the run
@@ -234,22 +238,23 @@ def _config(G: int, D: int) -> dict:
 
 class SparseAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, idx, seq_bounds, block_size, scale, query_start=0):
+    def forward(ctx, q, k, v, idx, seq_bounds, block_size, scale, q_start=0):
         TT, Hq, D = q.shape
         Hk = k.shape[1]
         G = Hq // Hk
         cfg = _config(G, D)
-        layout = SparseLayout(idx, seq_bounds, block_size, cfg["BQ"], query_start)
-        # rows before query_start are not computed: zeros (and no gradient) there
-        o = torch.zeros_like(q) if query_start else torch.empty_like(q)
-        lse = (torch.zeros if query_start else torch.empty)(TT, Hq, dtype=torch.float32, device=q.device)
+        layout = SparseLayout(idx, seq_bounds, block_size, cfg["BQ"], q_start)
+        # rows of the left-out tiles are not written: zeros there (and in their dq), so that training works too
+        empty = torch.zeros if q_start else torch.empty
+        o = torch.zeros_like(q) if q_start else torch.empty_like(q)
+        lse = empty(TT, Hq, dtype=torch.float32, device=q.device)
         if layout.num_tiles:
             _sparse_fwd_kernel[(layout.num_tiles, Hk)](
                 q, k, v, o, lse, layout.union, layout.member, layout.tile_start, layout.tile_len,
                 layout.tile_seq_start, scale, layout.num_tiles, layout.U, HQ=Hq, HK=Hk, G=G, BG=cfg["BG"], D=D,
                 BS=block_size, BQ=cfg["BQ"], num_warps=cfg["warps"])
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.layout, ctx.block_size, ctx.scale, ctx.cfg, ctx.query_start = layout, block_size, scale, cfg, query_start
+        ctx.layout, ctx.block_size, ctx.scale, ctx.cfg, ctx.q_start = layout, block_size, scale, cfg, q_start
         return o
 
     @staticmethod
@@ -261,7 +266,7 @@ class SparseAttentionFunction(torch.autograd.Function):
         G = Hq // Hk
         do = do.contiguous()
         delta = (o.float() * do.float()).sum(-1)  # [TT, Hq]
-        dq = torch.zeros_like(q) if ctx.query_start else torch.empty_like(q)
+        dq = torch.zeros_like(q) if ctx.q_start else torch.empty_like(q)
         dk, dv = torch.empty_like(k), torch.empty_like(v)
         if layout.num_tiles:
             common = dict(HQ=Hq, HK=Hk, G=G, BG=cfg["BG"], D=D, BS=block_size, BQ=cfg["BQ"], num_warps=cfg["warps"])
@@ -275,8 +280,8 @@ class SparseAttentionFunction(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None
 
 
-def triton_sparse_attention(q, k, v, idx, seq_bounds, block_size: int, scale: float,
-                            query_start: int = 0) -> torch.Tensor:
-    """q [TT, H_q, D], k, v [TT, H_kv, D], idx [H_kv, TT, S] (int32, contiguous) -> o [TT, H_q, D]; the first
-    ``query_start`` rows of every sequence are not computed (zeros)."""
-    return SparseAttentionFunction.apply(q, k, v, idx, seq_bounds, block_size, scale, query_start)
+def triton_sparse_attention(q, k, v, idx, seq_bounds, block_size: int, scale: float, q_start: int = 0) -> torch.Tensor:
+    """q [TT, H_q, D], k, v [TT, H_kv, D], idx [H_kv, TT, S] (int32, contiguous) -> o [TT, H_q, D].
+    ``q_start`` > 0: the query tiles wholly before position q_start of each sequence are not computed (zeros
+    and no gradient there; rows before q_start in the tile that crosses it are computed as usual)."""
+    return SparseAttentionFunction.apply(q, k, v, idx, seq_bounds, block_size, scale, q_start)

@@ -161,9 +161,12 @@ def triton_supports(block_size: int, kernel_size: int, kernel_stride: int, D: in
 
 @torch.no_grad()
 def triton_select_blocks(q, k, seq_bounds, *, block_size, kernel_size, kernel_stride, init_blocks, local_blocks, topk,
-                         scale, query_start: int = 0) -> torch.Tensor:
-    """q [TT, H_q, D], k [TT, H_kv, D] (flattened tokens) -> block indices [H_kv, TT, slots] int32. The first
-    ``query_start`` rows of every sequence are not scored (left -1)."""
+                         scale, q_start: int = 0) -> torch.Tensor:
+    """q [TT, H_q, D], k [TT, H_kv, D] (flattened tokens) -> block indices [H_kv, TT, slots] int32.
+
+    ``q_start``: only the rows at positions >= q_start of each sequence are selected (chunked prefill: the
+    queries of the new chunk against the whole cache); earlier rows stay -1 (a row's selection depends
+    only on its own query and the keys up to it, so the computed rows equal a full selection's)."""
     TT, Hq, D = q.shape
     Hk = k.shape[1]
     G = Hq // Hk
@@ -180,7 +183,9 @@ def triton_select_blocks(q, k, seq_bounds, *, block_size, kernel_size, kernel_st
     BT = max(1, 64 // BG)
     tile_pos, tile_seq = [], []
     for n, (s, e) in enumerate(zip(seq_bounds[:-1], seq_bounds[1:])):
-        for t in range(s + query_start, e, BT):
+        for t in range(s, e, BT):
+            if t + BT <= s + q_start:
+                continue
             tile_pos.append(t)
             tile_seq.append(n)
     idx = torch.full((Hk, TT, slots), -1, dtype=torch.int32, device=device)

@@ -24,7 +24,7 @@ its own queries over the keys of their document up to themselves: dense causal b
 document's full length, as the single-device op decides), else InfLLM-V2's selection and block-sparse
 attention on the document's prefix, compressed keys pooled from the gathered K. The kernels take queries and
 keys of one length: the local queries stand at the end of their document's prefix behind zero rows that the
-kernels skip (``query_start``), so each rank scores and attends only for its own queries.
+kernels skip (``q_start``), so each rank scores and attends only for its own queries.
 
 Loss. Targets are shifted on the whole sequence before the split (a document's last token predicts nothing,
 also across a rank border); each rank's cross-entropy sum is divided by the global count, and the value
@@ -330,13 +330,13 @@ def _selection(sparse_config: dict) -> dict:
                 topk=sparse_config["topk"])
 
 
-def _select_reference(q, k, query_start=0, **selection):
+def _select_reference(q, k, q_start=0, **selection):
     from ..kernels.sparse.naive import select_blocks_reference
 
     return select_blocks_reference(q, k, **selection)  # computes the leading rows too: only slower
 
 
-def _attend_reference(q, k, v, block_indices, query_start=0, **options):
+def _attend_reference(q, k, v, block_indices, q_start=0, **options):
     from ..kernels.sparse.naive import sparse_attention_reference
 
     return sparse_attention_reference(q, k, v, block_indices, **options)
@@ -344,7 +344,7 @@ def _attend_reference(q, k, v, block_indices, query_start=0, **options):
 
 def sparse_pieces(backend_op) -> tuple:
     """(select_blocks, sparse_attention) that match a mixer's sparse op: the plain references beside the
-    torch op, the kernels' public ops (Triton on CUDA) otherwise. Both take ``query_start``."""
+    torch op, the kernels' public ops (Triton on CUDA) otherwise. Both take ``q_start``."""
     from ..kernels.sparse import select_blocks, sparse_attention
     from ..models.sala.modeling_minicpm_sala import sparse_attention_torch
 
@@ -357,7 +357,7 @@ def _attend_document_rows(q, k, v, sparse_config: dict, doc_len: int, scale: flo
     """Queries q [1, n, H_q, D] at the last n of the S positions of one document's prefix k, v [1, S, H_kv, D]:
     dense causal when the whole document is shorter than dense_len, else InfLLM-V2 on the prefix (a row's
     selection depends only on its query and the keys up to it, so the prefix gives the rows of the full
-    document; zero queries stand in front of the local ones, and ``query_start`` tells the kernels to skip
+    document; zero queries stand in front of the local ones, and ``q_start`` tells the kernels to skip
     their rows)."""
     from torch.nn.attention.bias import causal_lower_right
 
@@ -369,9 +369,9 @@ def _attend_document_rows(q, k, v, sparse_config: dict, doc_len: int, scale: flo
         return masked_attention(q, k, v, causal_lower_right(n, S), scale=scale)
     padded = torch.cat([q.new_zeros(1, S - n, *q.shape[2:]), q], dim=1)
     with torch.no_grad():  # the selection is not differentiated (SPEC 4)
-        blocks = select(padded, k, scale=scale, query_start=S - n, **_selection(sparse_config))
+        blocks = select(padded, k, scale=scale, q_start=S - n, **_selection(sparse_config))
     return attend(padded, k, v, blocks, block_size=sparse_config["block_size"], scale=scale,
-                  query_start=S - n)[:, S - n :]
+                  q_start=S - n)[:, S - n :]
 
 
 def sparse_attention_cp(q, k, v, sparse_config: dict, shard: ContextParallelShard, scale=None, pieces=None):
@@ -391,7 +391,7 @@ def sparse_attention_cp(q, k, v, sparse_config: dict, shard: ContextParallelShar
     rows = []
     # Documents at or above dense_len: the selection and the sparse kernels take queries and keys of one length,
     # so the local queries go in at the end of their document's prefix behind zero queries, whose rows the
-    # kernels skip (query_start); the work left per rank is its own rows (plus the pooling of the prefix's keys).
+    # kernels skip (q_start); the work left per rank is its own rows (plus the pooling of the prefix's keys).
     for b in range(B):
         for _, segments in shard.local_chunks(b):
             for s in segments:
@@ -437,15 +437,15 @@ class ContextParallelOps:
 
 
 def install_context_parallel_ops(model) -> ContextParallelOps:
-    """Swap every mixer's training op for its CP version (decode ops stay: generation runs unsplit)."""
-    from ..models.sala.modeling_minicpm_sala import LightningMixer, LightningOps, SparseMixer, SparseOps
+    """Swap every mixer's training op for its CP version (decode and prefill ops stay: generation runs unsplit)."""
+    from ..models.sala.modeling_minicpm_sala import LightningMixer, SparseMixer
 
     ops = ContextParallelOps()
     for module in model.modules():
         if isinstance(module, LightningMixer):
-            module.ops = LightningOps(ops.lightning(module.ops.attention), module.ops.decode)
+            module.ops = module.ops._replace(attention=ops.lightning(module.ops.attention))
         elif isinstance(module, SparseMixer):
-            module.ops = SparseOps(ops.sparse(module.ops.attention), module.ops.decode)
+            module.ops = module.ops._replace(attention=ops.sparse(module.ops.attention))
     return ops
 
 

@@ -12,6 +12,7 @@ from sala_train.kernels.sparse import (
     compress_keys,
     infllmv2_attention,
     infllmv2_decode,
+    infllmv2_prefill,
     select_blocks,
     sparse_attention,
 )
@@ -147,6 +148,26 @@ def test_decode_equals_last_row_of_prefill(S):
                  name=f"decode with compressed caches at {S}")
 
 
+@pytest.mark.parametrize("S,T", [(150, 37), (150, 150), (97, 1), (60, 20), (301, 128)])
+@torch.no_grad()
+def test_prefill_chunk_equals_last_rows_of_full_prefill(poisoned, S, T):
+    # the Triton path computes only the chunk's rows (tiles before the chunk are left out; the outputs are
+    # poisoned, so a chunk row left unwritten fails); the rows must be those of the full prefill, below
+    # dense_len (60) as above it
+    q, k, v = qkv(2, S, 4, 2, dtype=torch.float32, seed=S + T)
+    full = infllmv2_attention(q, k, v, TINY_CONFIG)
+    chunk = infllmv2_prefill(q[:, S - T:].clone(), k, v, TINY_CONFIG)
+    assert chunk.shape == (2, T, 4, 16)
+    assert_close(chunk, full[:, S - T:], ratio=FP32_RATIO, name=f"prefill chunk {T} of {S}")
+
+
+def test_prefill_chunk_checks_shapes():
+    # (q_start also trains: test_q_start_skips_the_leading_rows_of_every_sequence checks its gradients)
+    q, k, v = qkv(1, 100, 4, 2, dtype=torch.float32)
+    with pytest.raises(ValueError, match="must be the last rows"):
+        infllmv2_prefill(q, k[:, :50], v[:, :50], TINY_CONFIG)
+
+
 def test_decode_selection_equals_the_reference_last_row():
     from sala_train.kernels.sparse import decode_block_selection
 
@@ -193,16 +214,16 @@ def test_gpu_bf16_real_shapes(G):
 
 
 @pytest.mark.parametrize("D", [16, 8], ids=["triton", "reference"])  # head_dim 8: the public ops' reference path
-def test_query_start_skips_the_leading_rows_of_every_sequence(D):
+def test_q_start_skips_the_leading_rows_of_every_sequence(D):
     """Context parallelism puts a rank's queries at the end of their document's prefix behind rows it does not
-    need: with query_start those rows are neither scored nor attended (-1, zeros, no gradient), and the
+    need: with q_start those rows are neither scored nor attended (-1, zeros, no gradient), and the
     others are exactly what the full computation gives."""
     q, k, v = qkv(1, 150, 4, 2, D=D, dtype=torch.float32, seed=11)
     cu, start = torch.tensor([0, 60, 150]), 23
     keep = torch.ones(1, 150, dtype=torch.bool)
     keep[0, :start] = keep[0, 60 : 60 + start] = False
     full = select_blocks_reference(q, k, cu_seqlens=cu, **TINY)
-    idx = select_blocks(q, k, cu_seqlens=cu, query_start=start, **TINY)
+    idx = select_blocks(q, k, cu_seqlens=cu, q_start=start, **TINY)
     assert torch.equal(idx, full.to(idx.dtype).masked_fill(~keep[:, None, :, None], -1))
 
     do = torch.randn(1, 150, 4, D)
@@ -210,7 +231,7 @@ def test_query_start_skips_the_leading_rows_of_every_sequence(D):
     o_ref = sparse_attention_reference(*ref_in, full, block_size=16, cu_seqlens=cu)
     (o_ref * do.double() * keep[..., None, None]).sum().backward()
     ours_in = [x.clone().requires_grad_() for x in (q, k, v)]
-    o = sparse_attention(*ours_in, idx, block_size=16, cu_seqlens=cu, query_start=start)
+    o = sparse_attention(*ours_in, idx, block_size=16, cu_seqlens=cu, q_start=start)
     (o * do).sum().backward()
     assert torch.equal(o[~keep], torch.zeros_like(o[~keep]))
     assert_close(o[keep], o_ref[keep], ratio=FP32_RATIO, name="o")

@@ -17,7 +17,7 @@ import torch
 import sala_train
 from sala_train.models import MiniCPMSALAForCausalLM, SALACache, SALAConfig, SALAForCausalLM
 from sala_train.models.sala import LIGHTNING_BACKENDS, SPARSE_BACKENDS, LightningMixer, SparseMixer
-from sala_train.testing import assert_close, module_available, requires_module
+from sala_train.testing import assert_close, module_available, requires_gpu, requires_module
 
 # fp32 everywhere; a cached step and the full forward compute the same sums in another order (the recurrent
 # vs the parallel lightning form, SDPA over a cache vs a causal prefill, a padded vs a plain sparse prefill):
@@ -326,3 +326,34 @@ def test_auto_classes_resolve_minicpm_sala(tmp_path):
     tiny_model().save_pretrained(tmp_path / "ckpt")
     assert type(AutoConfig.from_pretrained(tmp_path / "ckpt")) is SALAConfig
     assert type(AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")) is SALAForCausalLM
+
+
+# -- GPU: bf16, the Triton kernels, real block sizes -----------------------------------------------------------
+
+@requires_gpu
+@torch.no_grad()
+def test_gpu_bf16_prefill_and_decode_equal_full_forward():
+    """bf16 on the GPU with the Triton backends and the released block / window sizes (dense_len lowered
+    to 1024 so that a 2600-token sequence is sparse): the full forward's logits equal a chunked prefill
+    (chunks of 1000: the later chunks take infllmv2_prefill past dense_len) followed by token-by-token
+    decode of the last 40 tokens. bf16 rounds each path differently: 3e-2 relative RMS (a wrong block set,
+    state or position gives O(1))."""
+    torch.manual_seed(0)
+    config = tiny_sala_config(
+        vocab_size=1000, hidden_size=512, intermediate_size=1024, num_attention_heads=8, num_key_value_heads=2,
+        head_dim=128, lightning_nh=4, lightning_nkv=4, lightning_head_dim=128, max_position_embeddings=4096,
+        sparse_config=dict(kernel_size=32, kernel_stride=16, block_size=64, init_blocks=1, window_size=512,
+                           topk=8, use_nope=False, dense_len=1024),
+        lightning_backend="triton", sparse_backend="triton", dim_model_base=512, initializer_range=0.02)
+    model = SALAForCausalLM(config).cuda().to(torch.bfloat16).eval()
+    T, tail = 2600, 40
+    ids = torch.randint(0, 1000, (1, T), device="cuda")
+    full = model(ids).logits.float()
+    cache = model.new_cache()
+    steps = []
+    for start in range(0, T - tail, 1000):
+        end = min(start + 1000, T - tail)
+        steps.append(model(ids[:, start:end], past_key_values=cache).logits.float())
+    for t in range(T - tail, T):
+        steps.append(model(ids[:, t:t + 1], past_key_values=cache).logits.float())
+    assert_close(torch.cat(steps, dim=1), full, ratio=3e-2, name="bf16 prefill + decode vs full forward")

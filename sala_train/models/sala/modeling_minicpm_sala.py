@@ -93,10 +93,13 @@ class SparseOps(NamedTuple):
         q [B, T, H_q, D], k and v [B, T, H_kv, D]; dense below sparse_config["dense_len"], InfLLM-V2 above
     decode(q, k_cache, v_cache, sparse_config, scale=, compressed=) -> o
         q [N, H_q, D], one token per sequence, against its cache [N, S, H_kv, D] (its own k, v included)
+    prefill(q, k, v, sparse_config, scale=) -> o
+        a prefill chunk's queries q [B, T, H_q, D] at the last T of the S positions of k, v [B, S, H_kv, D]
     """
 
     attention: Callable
     decode: Callable
+    prefill: Callable
 
 
 # The torch lightning op runs the parallel reference over chunks of this many tokens and carries the state
@@ -181,14 +184,19 @@ def attend_last_rows(attention: Callable, q, k, v, sparse_config: dict, scale=No
 
     Runs ``attention`` as a prefill of all S tokens with zero queries in front and keeps the last T rows: a
     row's block selection depends only on its own query and the keys up to it, so these are exactly the rows
-    the full prefill would give. The zero rows are wasted work; chunked prefill past dense_len takes this path
-    until the sparse kernels accept a query offset.
+    the full prefill would give. The zero rows are wasted work: this is the torch backend's chunked prefill
+    (the Triton backend's ``infllmv2_prefill`` computes the last rows only).
     """
     B, T = q.shape[:2]
     S = k.shape[1]
     padded = q.new_zeros(B, S, *q.shape[2:])
     padded[:, S - T :] = q
     return attention(padded, k, v, sparse_config, scale=scale)[:, S - T :]
+
+
+def sparse_prefill_torch(q, k, v, sparse_config: dict, scale=None):
+    """A prefill chunk against the cache with the torch pieces (computes all S rows, keeps the last T)."""
+    return attend_last_rows(sparse_attention_torch, q, k, v, sparse_config, scale=scale)
 
 
 def sparse_decode_torch(q, k_cache, v_cache, sparse_config: dict, scale=None, compressed=None):
@@ -206,7 +214,7 @@ LIGHTNING_BACKENDS: dict[str, LightningOps] = {
     "fla": LightningOps(lightning_attention_fla, lightning_decode_reference),
 }
 SPARSE_BACKENDS: dict[str, SparseOps] = {
-    "torch": SparseOps(sparse_attention_torch, sparse_decode_torch),
+    "torch": SparseOps(sparse_attention_torch, sparse_decode_torch, sparse_prefill_torch),
 }
 if lightning_kernels is not None:
     # The kernels' public ops pick Triton on CUDA tensors (or under TRITON_INTERPRET=1) and their references
@@ -214,7 +222,8 @@ if lightning_kernels is not None:
     LIGHTNING_BACKENDS["triton"] = LightningOps(lightning_kernels.lightning_attention,
                                                 lightning_kernels.lightning_decode)
     LIGHTNING_BACKENDS["fla"] = LightningOps(lightning_attention_fla, lightning_kernels.lightning_decode)
-    SPARSE_BACKENDS["triton"] = SparseOps(sparse_kernels.infllmv2_attention, sparse_kernels.infllmv2_decode)
+    SPARSE_BACKENDS["triton"] = SparseOps(sparse_kernels.infllmv2_attention, sparse_kernels.infllmv2_decode,
+                                          sparse_kernels.infllmv2_prefill)
 
 
 def resolve_backend(registry: dict, name: str, key: str):
@@ -292,6 +301,7 @@ class SparseMixer(nn.Module):
         if self.use_rope:
             cos, sin = rope[self.head_dim]
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = q.to(v.dtype), k.to(v.dtype)  # under autocast the fp32 norms / rotary promote q, k; v is bf16
 
         if cache is None and attention.cu_seqlens is not None:
             out = self.ops.attention(_flat(q), _flat(k), _flat(v), self.sparse_config,
@@ -318,7 +328,7 @@ class SparseMixer(nn.Module):
             return self.ops.attention(q, k, v, self.sparse_config, scale=self.scale)
         if S < self.sparse_config["dense_len"]:  # a later chunk, still dense: causal mask over the cache
             return attention.attend(q, k_all, v_all, self.scale)
-        return attend_last_rows(self.ops.attention, q, k_all, v_all, self.sparse_config, self.scale)
+        return self.ops.prefill(q, k_all, v_all, self.sparse_config, scale=self.scale)
 
 
 class LightningMixer(nn.Module):
@@ -381,6 +391,7 @@ class LightningMixer(nn.Module):
         if self.use_rope:
             cos, sin = rope[D]
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = q.to(v.dtype), k.to(v.dtype)  # under autocast the fp32 norms / rotary promote q, k; v is bf16
         decay = self._decay(q.device)
 
         if cache is None and attention.cu_seqlens is not None:  # packed: the state restarts at every document
