@@ -30,6 +30,9 @@ Checkpoints: ``save`` writes, per TP rank, that rank's parameter shards and opti
 weights (``full_weights``). Any TP/CP layout starts from an HF checkpoint: every rank loads it whole and keeps
 its slices. Resuming the sharded optimizer state needs the same tensor_parallel.
 
+KL distillation (stage 1, short sequences) runs the frozen teacher unsplit on every rank of a CP group and
+compares it with the student's gathered logits; the long stages' cross-entropy never gathers the logits.
+
 The model code knows nothing of this: TP replaces modules, CP replaces the mixers' ops.
 """
 
