@@ -18,7 +18,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PINS)
-	$(PY) -m pip install -q -e '.[test,wandb,deepspeed]'
+	$(PY) -m pip install -q -e '.[test,wandb,deepspeed,megatron]'
 	touch $@
 
 demo: venv

@@ -85,24 +85,48 @@ def compress_keys(k, kernel_size: int = 32, stride: int = 16, cu_seqlens=None):
     return compress_keys_reference(k, kernel_size, stride, cu_seqlens)
 
 
+def _positions(cu_seqlens, B: int, T: int, device) -> torch.Tensor:
+    """[B, T]: each row's position in its sequence."""
+    position = torch.arange(T, device=device)[None].expand(B, T)
+    if cu_seqlens is not None:
+        bounds = cu_seqlens.to(device)
+        position = position - bounds[torch.searchsorted(bounds[1:], position[0], right=True)][None]
+    return position
+
+
+def _rows_before(q_start: int, cu_seqlens, B: int, T: int, device) -> torch.Tensor:
+    """[B, T] bool: the rows whose position in their sequence is below ``q_start``."""
+    return _positions(cu_seqlens, B, T, device) < q_start
+
+
 @torch.no_grad()
 def select_blocks(q, k, *, block_size=64, kernel_size=32, kernel_stride=16, init_blocks=1, local_blocks=32, topk=64,
-                  scale=None, cu_seqlens=None) -> torch.Tensor:
-    """Block indices [B, H_kv, T, init + local + topk] (int32, ascending, -1 = empty). No gradient."""
+                  scale=None, cu_seqlens=None, q_start: int = 0) -> torch.Tensor:
+    """Block indices [B, H_kv, T, init + local + topk] (int32, ascending, -1 = empty). No gradient.
+
+    ``q_start``: the first rows of every sequence are not scored (all -1): queries that only stand in
+    front of the ones wanted, e.g. a context-parallel rank's own queries at the end of their document's prefix.
+    """
     _check(q, k)
     from .select import triton_select_blocks, triton_supports
 
     B, T, Hq, D = q.shape
     if not (_use_triton(q, block_size) and triton_supports(block_size, kernel_size, kernel_stride, D)):
-        return select_blocks_reference(q, k, block_size=block_size, kernel_size=kernel_size,
-                                       kernel_stride=kernel_stride, init_blocks=init_blocks, local_blocks=local_blocks,
-                                       topk=topk, scale=scale, cu_seqlens=cu_seqlens)
+        idx = select_blocks_reference(q, k, block_size=block_size, kernel_size=kernel_size,
+                                      kernel_stride=kernel_stride, init_blocks=init_blocks, local_blocks=local_blocks,
+                                      topk=topk, scale=scale, cu_seqlens=cu_seqlens)
+        if q_start:
+            idx = idx.masked_fill(_rows_before(q_start, cu_seqlens, B, T, q.device)[:, None, :, None], -1)
+        return idx
     scale = D**-0.5 if scale is None else float(scale)
     flat = lambda x: x.contiguous().view(B * T, x.shape[2], D)  # noqa: E731
     idx = triton_select_blocks(flat(q), flat(k), _seq_bounds(cu_seqlens, B, T), block_size=block_size,
                                kernel_size=kernel_size, kernel_stride=kernel_stride, init_blocks=init_blocks,
-                               local_blocks=local_blocks, topk=topk, scale=scale)
-    return idx.view(k.shape[2], B, T, -1).permute(1, 0, 2, 3)
+                               local_blocks=local_blocks, topk=topk, scale=scale, q_start=q_start)
+    idx = idx.view(k.shape[2], B, T, -1).permute(1, 0, 2, 3)
+    if q_start:  # the tile that crosses q_start scores its earlier rows too: clear them as promised
+        idx = idx.masked_fill(_rows_before(q_start, cu_seqlens, B, T, q.device)[:, None, :, None], -1)
+    return idx
 
 
 TRITON_HEAD_DIMS = (16, 32, 64, 128)
@@ -119,11 +143,13 @@ def _seq_bounds(cu_seqlens, B: int, T: int) -> list[int]:
     return cu_seqlens.tolist() if cu_seqlens is not None else [b * T for b in range(B + 1)]
 
 
-def sparse_attention(q, k, v, block_indices, *, block_size=64, scale=None, cu_seqlens=None) -> torch.Tensor:
+def sparse_attention(q, k, v, block_indices, *, block_size=64, scale=None, cu_seqlens=None,
+                     q_start: int = 0) -> torch.Tensor:
     """Exact softmax attention of each query over the keys of its selected blocks (causal).
 
     q [B, T, H_q, D], k, v [B, T, H_kv, D], block_indices [B, H_kv, T, S] (from ``select_blocks``;
-    relative to each sequence's start) -> o [B, T, H_q, D]. Differentiable in q, k, v.
+    relative to each sequence's start) -> o [B, T, H_q, D]. Differentiable in q, k, v. The first
+    ``q_start`` rows of every sequence are not computed (zeros, no gradient; see ``select_blocks``).
     """
     _check(q, k, v)
     B, T, Hq, D = q.shape
@@ -132,14 +158,26 @@ def sparse_attention(q, k, v, block_indices, *, block_size=64, scale=None, cu_se
                          f"got {list(block_indices.shape)}")
     scale = D**-0.5 if scale is None else float(scale)
     if not _use_triton(q, block_size):
-        return sparse_attention_reference(q, k, v, block_indices, block_size=block_size, scale=scale,
-                                          cu_seqlens=cu_seqlens)
+        if not q_start:
+            return sparse_attention_reference(q, k, v, block_indices, block_size=block_size, scale=scale,
+                                              cu_seqlens=cu_seqlens)
+        # the skipped rows attend to their own block (a finite softmax, so no NaN reaches the gradients) and
+        # are zeroed after
+        before = _rows_before(q_start, cu_seqlens, B, T, q.device)
+        own_block = _positions(cu_seqlens, B, T, q.device) // block_size
+        indices = torch.where(before[:, None, :, None], own_block[:, None, :, None].to(block_indices.dtype),
+                              block_indices)
+        o = sparse_attention_reference(q, k, v, indices, block_size=block_size, scale=scale, cu_seqlens=cu_seqlens)
+        return o.masked_fill(before[:, :, None, None], 0.0)
     from .attention import triton_sparse_attention
 
     Hk = k.shape[2]
     flat = lambda x: x.contiguous().view(B * T, x.shape[2], D)  # noqa: E731
     idx = block_indices.permute(1, 0, 2, 3).reshape(Hk, B * T, -1).to(torch.int32).contiguous()
-    o = triton_sparse_attention(flat(q), flat(k), flat(v), idx, _seq_bounds(cu_seqlens, B, T), block_size, scale)
+    o = triton_sparse_attention(flat(q), flat(k), flat(v), idx, _seq_bounds(cu_seqlens, B, T), block_size, scale,
+                                q_start)
+    if q_start:  # the tile that crosses q_start computes its earlier rows too: zero them as promised
+        o = o.masked_fill(_rows_before(q_start, cu_seqlens, B, T, q.device).reshape(B * T)[:, None, None], 0.0)
     return o.view(B, T, Hq, D)
 
 

@@ -159,7 +159,8 @@ class SparseLayout:
 
     def __init__(self, idx: torch.Tensor, seq_bounds: list[int], block_size: int, BQ: int, q_start: int = 0):
         """``q_start``: tiles wholly before position q_start of their sequence are left out (their rows
-        are not computed): the forward of a chunked prefill, whose new queries are the last rows."""
+        are not computed): a chunked prefill's new queries, or a context-parallel rank's own queries, are the
+        last rows."""
         device = idx.device
         Hk, TT, S = idx.shape
         tile_start, tile_len, tile_seq_start, block_start, block_len, block_offset = [], [], [], [], [], []
@@ -246,15 +247,17 @@ class SparseAttentionFunction(torch.autograd.Function):
         G = Hq // Hk
         cfg = _config(G, D)
         layout = SparseLayout(idx, seq_bounds, block_size, cfg["BQ"], q_start)
-        o = torch.empty_like(q)
-        lse = torch.empty(TT, Hq, dtype=torch.float32, device=q.device)
+        # rows of the left-out tiles are not written: zeros there (and in their dq), so that training works too
+        empty = torch.zeros if q_start else torch.empty
+        o = torch.zeros_like(q) if q_start else torch.empty_like(q)
+        lse = empty(TT, Hq, dtype=torch.float32, device=q.device)
         if layout.num_tiles:
             _sparse_fwd_kernel[(layout.num_tiles, Hk)](
                 q, k, v, o, lse, layout.union, layout.union_len, layout.member, layout.tile_start, layout.tile_len,
                 layout.tile_seq_start, scale, layout.num_tiles, layout.U, HQ=Hq, HK=Hk, G=G, BG=cfg["BG"], D=D,
                 BS=block_size, BQ=cfg["BQ"], num_warps=cfg["warps"])
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.layout, ctx.block_size, ctx.scale, ctx.cfg = layout, block_size, scale, cfg
+        ctx.layout, ctx.block_size, ctx.scale, ctx.cfg, ctx.q_start = layout, block_size, scale, cfg, q_start
         return o
 
     @staticmethod
@@ -266,7 +269,8 @@ class SparseAttentionFunction(torch.autograd.Function):
         G = Hq // Hk
         do = do.contiguous()
         delta = (o.float() * do.float()).sum(-1)  # [TT, Hq]
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        dq = torch.zeros_like(q) if ctx.q_start else torch.empty_like(q)
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
         if layout.num_tiles:
             common = dict(HQ=Hq, HK=Hk, G=G, BG=cfg["BG"], D=D, BS=block_size, BQ=cfg["BQ"], num_warps=cfg["warps"])
             _sparse_dq_kernel[(layout.num_tiles, Hk)](
@@ -281,7 +285,6 @@ class SparseAttentionFunction(torch.autograd.Function):
 
 def triton_sparse_attention(q, k, v, idx, seq_bounds, block_size: int, scale: float, q_start: int = 0) -> torch.Tensor:
     """q [TT, H_q, D], k, v [TT, H_kv, D], idx [H_kv, TT, S] (int32, contiguous) -> o [TT, H_q, D].
-    ``q_start`` > 0 (inference only): rows before position q_start of each sequence are not computed."""
-    if q_start and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
-        raise RuntimeError("sparse attention with q_start > 0 is inference-only; run it under torch.no_grad()")
+    ``q_start`` > 0: the query tiles wholly before position q_start of each sequence are not computed (zeros
+    and no gradient there; rows before q_start in the tile that crosses it are computed as usual)."""
     return SparseAttentionFunction.apply(q, k, v, idx, seq_bounds, block_size, scale, q_start)

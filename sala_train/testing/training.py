@@ -10,9 +10,9 @@ from pathlib import Path
 TINY_SPARSE = dict(kernel_size=8, kernel_stride=4, block_size=16, window_size=32, topk=2, dense_len=96)
 
 
-def make_tiny_checkpoints(root: str | Path) -> Path:
+def make_tiny_checkpoints(root: str | Path, num_attention_heads: int = 2, num_key_value_heads: int = 1) -> Path:
     """root/teacher: a random 2-layer MiniCPM-4 (width multiplier 2, so the muP groups differ);
-    root/student: its SALA conversion with plan "SL"."""
+    root/student: its SALA conversion with plan "SL". Tensor parallelism over 2 ranks needs 2 KV heads."""
     from sala_train.conversion import convert
     from sala_train.layer_selection import LayerPlan
     from sala_train.make_teacher import make_teacher
@@ -20,7 +20,8 @@ def make_tiny_checkpoints(root: str | Path) -> Path:
 
     root = Path(root)
     config = MiniCPMConfig(vocab_size=4096, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=512,
+                           num_attention_heads=num_attention_heads,
+                           num_key_value_heads=num_key_value_heads, head_dim=16, max_position_embeddings=512,
                            scale_emb=12.0, scale_depth=1.4, dim_model_base=16, eos_token_id=[2, 4])
     make_teacher(config, root / "teacher", progress=False)
     convert(root / "teacher", LayerPlan.parse("SL"), root / "student", sparse_config=TINY_SPARSE, progress=False)

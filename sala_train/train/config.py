@@ -83,6 +83,8 @@ class BackendConfig:
     offload_optimizer: bool = False
     bf16: bool = False
     activation_checkpointing: bool = False
+    tensor_parallel: int = 1  # megatron: ranks that split heads and MLP columns
+    context_parallel: int = 1  # megatron: ranks that split every sequence (zigzag); seq_len % (2 x this) == 0
 
 
 @dataclass
@@ -125,3 +127,8 @@ class TrainConfig:
             if "kl" in stage.loss and not self.teacher:
                 raise RecipeError(f"stages[{stage.name}].loss = {stage.loss!r} needs a teacher checkpoint: set teacher=DIR")
             stage.plan(data_parallel_size)
+            chunks = 2 * self.backend.context_parallel
+            if chunks > 2 and stage.seq_len % chunks:
+                raise RecipeError(f"stages[{stage.name}].seq_len = {stage.seq_len} must be a multiple of 2 x "
+                                  f"backend.context_parallel = {chunks} (the zigzag split cuts every sequence "
+                                  f"into {chunks} chunks)")

@@ -3,8 +3,10 @@
     trainer = Trainer(cfg)      # validates the recipe before touching a model or data
     trainer.run()               # every stage from cfg.start_stage (or from the latest checkpoint), in order
 
-Backends (``backend.name``): "torch" (one process, or DDP under torchrun: gloo on CPU, NCCL on GPU) and
-"deepspeed" (ZeRO 1/2/3, sala_train.parallel.deepspeed). A backend is one small object per stage that owns
+Backends (``backend.name``): "torch" (one process, or DDP under torchrun: gloo on CPU, NCCL on GPU),
+"deepspeed" (ZeRO 1/2/3, sala_train.parallel.deepspeed) and "megatron" (tensor and context parallelism,
+sala_train.parallel.megatron: the ranks of one TP x CP group read the same batches, so the data is sharded
+over the data-parallel ranks only). A backend is one small object per stage that owns
 the optimizer and the wrapping; the loop only calls its hooks (accumulating, backward, step, save, load,
 full_weights, close). A killed run restarted with the same command continues from its latest checkpoint with
 the same batches and losses.
@@ -96,9 +98,24 @@ class TorchBackend:
         pass
 
 
-def backend_class(config: BackendConfig):
+def data_parallel_size(config: BackendConfig, world_size: int) -> int:
+    """Ranks that read different batches: the world, divided by the ranks that split one model replica
+    (megatron's tensor x context parallel)."""
+    if config.name != "megatron":
+        if config.tensor_parallel != 1 or config.context_parallel != 1:
+            raise RecipeError(f"backend.tensor_parallel / context_parallel need backend.name=megatron, "
+                              f"not {config.name}")
+        return world_size
+    model_parallel = config.tensor_parallel * config.context_parallel
+    if model_parallel < 1 or world_size % model_parallel:
+        raise RecipeError(f"the world size {world_size} is not a multiple of backend.tensor_parallel x "
+                          f"backend.context_parallel = {config.tensor_parallel} x {config.context_parallel}")
+    return world_size // model_parallel
+
+
+def backend_class(config: BackendConfig, world_size: int = 1):
     """The backend class of ``backend.name``, once the settings are known to be possible (RecipeError if not).
-    DeepSpeed is imported only when it is the one asked for."""
+    DeepSpeed and megatron-core are imported only when they are the one asked for."""
     if config.name == "torch":
         for key in ("bf16", "offload_optimizer"):
             if getattr(config, key):
@@ -110,15 +127,22 @@ def backend_class(config: BackendConfig):
 
         check_config(config)
         return DeepSpeedBackend
-    raise RecipeError(f"backend.name = {config.name!r} is not implemented in the trainer yet; use torch or deepspeed")
+    if config.name == "megatron":
+        from ..parallel.megatron import MegatronBackend, check_config
+
+        check_config(config, world_size)
+        return MegatronBackend
+    raise RecipeError(f"backend.name = {config.name!r} is not implemented in the trainer; use torch, deepspeed "
+                      "or megatron")
 
 
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        cfg.validate(self.world)  # impossible recipes fail here, before any model or data work
-        self.backend_class = backend_class(cfg.backend)
+        self.data_world = data_parallel_size(cfg.backend, self.world)
+        cfg.validate(self.data_world)  # impossible recipes fail here, before any model or data work
+        self.backend_class = backend_class(cfg.backend, self.world)
         if self.world > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         self.rank = dist.get_rank() if dist.is_initialized() else 0
@@ -263,17 +287,19 @@ class Trainer:
     def run_stage(self, index: int, model, resume, state: dict):
         cfg = self.cfg
         stage: StageConfig = cfg.stages[index]
-        accumulation, steps = stage.plan(self.world)
+        accumulation, steps = stage.plan(self.data_world)
         set_sparse(model, stage.sparse)
         select_trainable(model, stage.trainable, stage.frozen)
         opt = stage.optimizer
+        flops_per_token = training_flops_per_token(model, stage.seq_len)  # of the whole model, before any split
         backend = self.backend_class(model, param_groups(model, stage.schedule.lr, opt.weight_decay, mup=opt.mup),
                                      stage, accumulation, world_size=self.world, device=self.device,
                                      config=cfg.backend)
         schedule = build_schedule(replace(stage.schedule, total_steps=stage.schedule.total_steps or steps))
         data_cfg = replace(stage.data, seq_len=stage.seq_len, batch_size=stage.micro_batch_size,
                            seed=stage.data.seed + 1000 * index)
-        loader = PackedLoader(data_cfg, self.tokenizer, rank=self.rank, world_size=self.world)
+        loader = PackedLoader(data_cfg, self.tokenizer, rank=getattr(backend, "data_parallel_rank", self.rank),
+                              world_size=self.data_world)
         step = 0
         if resume is not None:
             path, saved = resume
@@ -291,8 +317,7 @@ class Trainer:
             from tqdm import tqdm
 
             progress = tqdm(total=steps, initial=step, desc=f"stage {index} {stage.name}", unit="step")
-        tokens_per_step = stage.seq_len * stage.micro_batch_size * self.world * accumulation
-        flops_per_token = training_flops_per_token(model, stage.seq_len)
+        tokens_per_step = stage.seq_len * stage.micro_batch_size * self.data_world * accumulation
         peak = (peak_flops(self.device) or 0.0) * self.world
         bad = state.get("bad_steps", 0)
         while step < steps:

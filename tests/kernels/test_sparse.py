@@ -161,16 +161,11 @@ def test_prefill_chunk_equals_last_rows_of_full_prefill(poisoned, S, T):
     assert_close(chunk, full[:, S - T:], ratio=FP32_RATIO, name=f"prefill chunk {T} of {S}")
 
 
-def test_prefill_chunk_is_inference_only_and_checks_shapes():
+def test_prefill_chunk_checks_shapes():
+    # (q_start also trains: test_q_start_skips_the_leading_rows_of_every_sequence checks its gradients)
     q, k, v = qkv(1, 100, 4, 2, dtype=torch.float32)
     with pytest.raises(ValueError, match="must be the last rows"):
         infllmv2_prefill(q, k[:, :50], v[:, :50], TINY_CONFIG)
-    from sala_train.kernels.sparse.attention import triton_sparse_attention
-
-    q.requires_grad_()
-    idx = torch.zeros(2, 100, 6, dtype=torch.int32)
-    with pytest.raises(RuntimeError, match="inference-only"):
-        triton_sparse_attention(q[0], k[0], v[0], idx, [0, 100], 16, 0.25, q_start=50)
 
 
 def test_decode_selection_equals_the_reference_last_row():
@@ -216,3 +211,29 @@ def test_gpu_bf16_real_shapes(G):
     assert_close(o, o_ref, ratio=1e-2, name="bf16 o")
     for name, mine, theirs in zip(("dq", "dk", "dv"), ours, (q32, k32, v32)):
         assert_close(mine.grad, theirs.grad, ratio=1e-2, name=f"bf16 {name}")
+
+
+@pytest.mark.parametrize("D", [16, 8], ids=["triton", "reference"])  # head_dim 8: the public ops' reference path
+def test_q_start_skips_the_leading_rows_of_every_sequence(D):
+    """Context parallelism puts a rank's queries at the end of their document's prefix behind rows it does not
+    need: with q_start those rows are neither scored nor attended (-1, zeros, no gradient), and the
+    others are exactly what the full computation gives."""
+    q, k, v = qkv(1, 150, 4, 2, D=D, dtype=torch.float32, seed=11)
+    cu, start = torch.tensor([0, 60, 150]), 23
+    keep = torch.ones(1, 150, dtype=torch.bool)
+    keep[0, :start] = keep[0, 60 : 60 + start] = False
+    full = select_blocks_reference(q, k, cu_seqlens=cu, **TINY)
+    idx = select_blocks(q, k, cu_seqlens=cu, q_start=start, **TINY)
+    assert torch.equal(idx, full.to(idx.dtype).masked_fill(~keep[:, None, :, None], -1))
+
+    do = torch.randn(1, 150, 4, D)
+    ref_in = [x.double().requires_grad_() for x in (q, k, v)]
+    o_ref = sparse_attention_reference(*ref_in, full, block_size=16, cu_seqlens=cu)
+    (o_ref * do.double() * keep[..., None, None]).sum().backward()
+    ours_in = [x.clone().requires_grad_() for x in (q, k, v)]
+    o = sparse_attention(*ours_in, idx, block_size=16, cu_seqlens=cu, q_start=start)
+    (o * do).sum().backward()
+    assert torch.equal(o[~keep], torch.zeros_like(o[~keep]))
+    assert_close(o[keep], o_ref[keep], ratio=FP32_RATIO, name="o")
+    for name, mine, theirs in zip(("dq", "dk", "dv"), ours_in, ref_in):
+        assert_close(mine.grad, theirs.grad, ratio=FP32_RATIO, name=name)

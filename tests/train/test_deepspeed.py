@@ -221,7 +221,7 @@ def test_deepspeed_config_follows_the_stage_and_the_backend():
 @pytest.mark.parametrize("backend,message", [
     (BackendConfig(name="deepspeed", zero_stage=0), "zero_stage = 0"),
     (BackendConfig(name="torch", bf16=True), "bf16 = true needs backend.name=deepspeed"),
-    (BackendConfig(name="megatron"), "not implemented"),
+    (BackendConfig(name="torch", tensor_parallel=2), "need backend.name=megatron"),
 ])
 def test_impossible_backends_fail_before_loading(checkpoints, tmp_path, backend, message):
     with pytest.raises(RecipeError, match=message):
