@@ -232,11 +232,19 @@ class SparseLayout:
         return offsets, tile_ids[valid][order].to(torch.int32).contiguous(), self.member[valid][order].contiguous()
 
 
+# Benchmarks sweep the launch configuration through this dict (keys of _config); empty = defaults.
+KERNEL_OVERRIDES: dict = {}
+
+
 def _config(G: int, D: int) -> dict:
     BG = triton.next_power_of_2(G)
     # 64 rows per tile (tl.dot needs >= 16), at most 32 tokens (one bit each in an int32 mask)
-    BQ = min(32, max(1, 64 // BG))
-    return {"BG": BG, "BQ": BQ, "warps": 4 if D <= 64 else 8}
+    config = {"BG": BG, "BQ": min(32, max(1, 64 // BG)), "warps": 4 if D <= 64 else 8, "stages": 3}
+    config.update(KERNEL_OVERRIDES)
+    if config["BQ"] * BG < 16 or config["BQ"] > 32:
+        raise ValueError(f"sparse attention tile of {config['BQ']} tokens x {BG} heads: need >= 16 rows, <= 32 "
+                         "tokens")
+    return config
 
 
 class SparseAttentionFunction(torch.autograd.Function):
@@ -255,7 +263,7 @@ class SparseAttentionFunction(torch.autograd.Function):
             _sparse_fwd_kernel[(layout.num_tiles, Hk)](
                 q, k, v, o, lse, layout.union, layout.union_len, layout.member, layout.tile_start, layout.tile_len,
                 layout.tile_seq_start, scale, layout.num_tiles, layout.U, HQ=Hq, HK=Hk, G=G, BG=cfg["BG"], D=D,
-                BS=block_size, BQ=cfg["BQ"], num_warps=cfg["warps"])
+                BS=block_size, BQ=cfg["BQ"], num_warps=cfg["warps"], num_stages=cfg["stages"])
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.layout, ctx.block_size, ctx.scale, ctx.cfg, ctx.q_start = layout, block_size, scale, cfg, q_start
         return o
@@ -272,7 +280,8 @@ class SparseAttentionFunction(torch.autograd.Function):
         dq = torch.zeros_like(q) if ctx.q_start else torch.empty_like(q)
         dk, dv = torch.empty_like(k), torch.empty_like(v)
         if layout.num_tiles:
-            common = dict(HQ=Hq, HK=Hk, G=G, BG=cfg["BG"], D=D, BS=block_size, BQ=cfg["BQ"], num_warps=cfg["warps"])
+            common = dict(HQ=Hq, HK=Hk, G=G, BG=cfg["BG"], D=D, BS=block_size, BQ=cfg["BQ"], num_warps=cfg["warps"],
+                          num_stages=cfg["stages"])
             _sparse_dq_kernel[(layout.num_tiles, Hk)](
                 q, k, v, do, lse, delta, dq, layout.union, layout.union_len, layout.member, layout.tile_start,
                 layout.tile_len, layout.tile_seq_start, scale, layout.num_tiles, layout.U, **common)
