@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
+import subprocess
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -72,6 +74,8 @@ class PreemptionWatcher:
         if rank == 0:
             (Path(run_dir) / MARKER_NAME).write_text(json.dumps({"signal": reason, **state}) + "\n")
             log.warning(message)
+        if dist.is_initialized():
+            dist.barrier()  # torchrun stops the other workers when the first one exits: the marker must be there
         raise Preempted(message)
 
 
@@ -91,3 +95,17 @@ def watch_preemption():
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def requeue_submitit_job() -> None:
+    """Requeue this SLURM job (from rank 0 of a job that Hydra's submitit launcher started): the requeued job runs
+    the same pickled Hydra job, whose trainer resumes from the checkpoint just written."""
+    job_id = os.environ.get("SLURM_JOB_ID")  # an array task's own id: requeues just that task
+    if not job_id or os.environ.get("SLURM_PROCID", "0") != "0":
+        return
+    result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
+    if result.returncode != 0:
+        log.error("scontrol requeue %s failed (exit %d): %s; resubmit the same command to resume", job_id,
+                  result.returncode, result.stderr.strip())
+    else:
+        log.warning("requeued SLURM job %s; it resumes from the checkpoint", job_id)
