@@ -4,7 +4,7 @@ in the foreground by this process and stopped by their PIDs.
 
     cluster = SlurmCluster.start(tmp_path / "slurm")        # installs the packages first if they are missing
     job = cluster.sbatch(["launch/slurm/train.sbatch", "run_dir=..."], cwd=workdir, env=env)
-    state = cluster.wait(job, timeout_s=300)                 # "COMPLETED", "FAILED", ... (polls scontrol)
+    states = cluster.wait(job, timeout_s=300)                # ["COMPLETED"] (one per array task; polls scontrol)
     cluster.stop()                                           # cancels the jobs, then stops the daemons
 
 Clients (sbatch, scontrol, scancel, srun, and submitit) find the cluster through ``SLURM_CONF``: use
@@ -150,7 +150,8 @@ class SlurmCluster:
             "SlurmdUser=root",
             "AuthType=auth/munge",
             "CredType=cred/munge",
-            f"AuthInfo=socket={self.root / 'munge' / 'munge.socket'}",
+            # cred_expire: a requeued job may start again only after its credential expired (default 120 s)
+            f"AuthInfo=socket={self.root / 'munge' / 'munge.socket'},cred_expire=10",
             f"StateSaveLocation={self.root / 'ctld'}",
             f"SlurmdSpoolDir={self.root / 'spool'}",
             f"SlurmctldPidFile={self.root / 'slurmctld.pid'}",
@@ -233,20 +234,28 @@ class SlurmCluster:
         out = self.run(["sbatch", "--parsable", *map(str, arguments)], cwd=cwd, env=env).stdout.strip()
         return int(out.split(";")[0])
 
-    def job(self, job_id: int) -> dict[str, str]:
-        """``scontrol show job`` as a dict (JobState, ExitCode, Restarts, StdOut, ...)."""
+    def jobs(self, job_id: int) -> list[dict[str, str]]:
+        """``scontrol show job`` as one dict per job (JobState, ExitCode, Restarts, StdOut, ...); a job array
+        gives one per task (tasks still pending may share one record)."""
         text = self.run(["scontrol", "show", "job", "-o", str(job_id)]).stdout
-        return dict(re.findall(r"(\w+)=(\S*)", text))
+        return [dict(re.findall(r"(\w+)=(\S*)", line)) for line in text.splitlines() if line.strip()]
 
-    def wait(self, job_id: int, timeout_s: float = 300, poll_s: float = 0.25) -> str:
-        """Poll until the job has finished (``sbatch --wait`` polls slowly); returns its final JobState."""
+    def job(self, job_id: int) -> dict[str, str]:
+        """The record of a job that is not an array."""
+        return self.jobs(job_id)[0]
+
+    def wait(self, job_id: int, timeout_s: float = 300, poll_s: float = 0.25) -> list[str]:
+        """Poll ``scontrol`` until the job (every task of an array) has finished: ``sbatch --wait`` polls slowly.
+        Returns the final JobState of each, by array task id."""
         deadline = time.monotonic() + timeout_s
         while True:
-            state = self.job(job_id).get("JobState", "")
-            if state in FINISHED_STATES:
-                return state
+            records = self.jobs(job_id)
+            states = [r.get("JobState", "") for r in records]
+            if states and all(state in FINISHED_STATES for state in states):
+                records.sort(key=lambda r: int(r.get("ArrayTaskId", "0")) if r.get("ArrayTaskId", "0").isdigit() else 0)
+                return [r["JobState"] for r in records]
             if time.monotonic() > deadline:
-                raise TimeoutError(f"job {job_id} still {state} after {timeout_s:g} s\n{self.logs()}")
+                raise TimeoutError(f"job {job_id} still {states} after {timeout_s:g} s\n{self.logs()}")
             time.sleep(poll_s)
 
     # -- tear-down ----------------------------------------------------------------------------------
