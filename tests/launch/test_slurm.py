@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from sala_train.testing import requires_module
 from sala_train.testing.training import make_tiny_checkpoints, read_losses
 
 pytestmark = pytest.mark.slow
@@ -110,6 +111,7 @@ def test_job_array_runs_one_sweep_line_per_task(slurm_cluster, checkpoints, work
         assert f"lr: {lr}" in (run_dir / "config.yaml").read_text()
 
 
+@requires_module("hydra_plugins.hydra_submitit_launcher")
 def test_submitit_launcher_runs_a_two_job_multirun(slurm_cluster, checkpoints, workdir):
     folder = workdir / "submitit"
     folder.mkdir()

@@ -1,10 +1,13 @@
 """launch/torchrun.sh: clear errors for bad input, and a real 2-node run (two torchrun agents on this machine
 meeting through c10d rendezvous on loopback, one worker each)."""
 
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -70,3 +73,26 @@ def test_two_nodes_meet_through_c10d_and_train(tmp_path):
     config = (run_dir / "config.yaml").read_text()
     assert "tokens: 1280" in config  # the Hydra overrides reached the trainer
     assert (run_dir / "checkpoints" / "stage-02-step-00000000" / "model" / "config.json").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_checkpoints_and_leaves_the_preemption_marker(tmp_path):
+    # torchrun passes SIGTERM on to its workers; they finish the step, write the checkpoint and exit with 75
+    checkpoints = make_tiny_checkpoints(tmp_path / "ckpt")
+    run_dir = tmp_path / "run"
+    node = subprocess.Popen(["bash", str(TORCHRUN_SH), "--nproc-per-node", "2", "+experiment=tiny_launch",
+                             f"student={checkpoints / 'student'}", f"teacher={checkpoints / 'teacher'}",
+                             f"run_dir={run_dir}"], env=launcher_environment(), cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert node.poll() is None and time.monotonic() < deadline, "training ended or stalled before step 3"
+        time.sleep(0.05)
+    node.send_signal(signal.SIGTERM)  # bash exec'd torchrun: this is torchrun's PID
+    output = node.communicate(timeout=300)[0]
+    assert node.returncode != 0, output
+    marker = json.loads((run_dir / "preempted.json").read_text())
+    assert marker["signal"] == "SIGTERM" and 3 <= marker["global_step"] < 200, output
+    assert (run_dir / "checkpoints" / f"stage-{marker['stage_index']:02d}-step-{marker['step']:08d}" / "optimizer.pt").exists()
+    assert max(read_losses(run_dir)) == marker["global_step"]
