@@ -19,6 +19,7 @@ root too). A fresh state folder restarts job ids at 1, so give every cluster a f
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import shutil
@@ -123,6 +124,7 @@ class SlurmCluster:
         if root.exists() and any(root.iterdir()):
             raise SlurmError(f"{root} is not empty; a cluster needs a fresh folder (job ids restart at 1)")
         cluster = cls(root)
+        atexit.register(cluster.stop)  # also when the caller never gets to stop() (an interrupted test session)
         try:
             cluster._write_files()
             cluster._start_daemons(timeout_s)
@@ -165,6 +167,7 @@ class SlurmCluster:
             "JobCompType=jobcomp/none",
             "MpiDefault=none",
             "SchedulerType=sched/builtin",
+            "SchedulerParameters=sched_interval=2",  # a requeued job waits for this pass once eligible (default 60 s)
             "SelectType=select/cons_tres",
             "SelectTypeParameters=CR_CPU",
             "ReturnToService=2",

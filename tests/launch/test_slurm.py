@@ -1,6 +1,6 @@
 """Launching through a real SLURM cluster (one node on loopback, see sala_train.testing.slurm): sbatch of
 launch/slurm/train.sbatch with 2 torchrun workers, preemption by signal with requeue and exact resume, a job
-array sweep, and Hydra's submitit launcher running a 2-job multirun."""
+array sweep, and Hydra's submitit launcher: a 2-job multirun, and a 2-task job preempted, requeued and resumed."""
 
 import json
 import os
@@ -116,15 +116,44 @@ def test_submitit_launcher_runs_a_two_job_multirun(slurm_cluster, checkpoints, w
     folder = workdir / "submitit"
     folder.mkdir()
     command = [sys.executable, "-m", "sala_train.train", "-m", "+launcher=slurm", *recipe(checkpoints), *SHORT,
-               "hydra.sweep.dir=sweep", "hydra.launcher.tasks_per_node=2", "hydra.launcher.timeout_min=10",
-               "stages.0.schedule.lr=1e-3,2e-3"]
+               "hydra.sweep.dir=sweep", "hydra.launcher.timeout_min=10", "stages.0.schedule.lr=1e-3,2e-3"]
     result = subprocess.run(command, cwd=folder, env=slurm_cluster.environment(job_environment()),
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     for job_num, lr in enumerate((0.001, 0.002)):
         run_dir = folder / "sweep" / str(job_num)  # run_dir = hydra.sweep.dir / job number (recipes/launcher)
-        # one record per step from rank 0: both SLURM tasks of the job joined one torch.distributed group
         assert sorted(read_losses(run_dir)) == list(range(1, 21)), result.stderr[-3000:]
         assert f"lr: {lr}" in (run_dir / "config.yaml").read_text()
-    task_logs = sorted(p.name for p in (folder / "sweep" / ".submitit").glob("*/*_log.out"))
-    assert len(task_logs) == 4 and sum("_1_log.out" in name for name in task_logs) == 2  # 2 jobs x 2 tasks
+    assert len(list((folder / "sweep" / ".submitit").glob("*/*_0_result.pkl"))) == 2  # 2 SLURM jobs
+
+
+@requires_module("hydra_plugins.hydra_submitit_launcher")
+def test_submitit_job_preempted_requeues_itself_and_ends_with_the_uninterrupted_losses(
+        slurm_cluster, checkpoints, workdir, uninterrupted):
+    folder = workdir / "submitit_preempted"
+    folder.mkdir()
+    command = [sys.executable, "-m", "sala_train.train", "-m", "+launcher=slurm", *recipe(checkpoints),
+               "hydra.sweep.dir=sweep", "hydra.launcher.name=preempt-me", "hydra.launcher.tasks_per_node=2",
+               "hydra.launcher.timeout_min=10"]
+    sweep = subprocess.Popen(command, cwd=folder, env=slurm_cluster.environment(job_environment()),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for_step(folder / "sweep" / "0" / "metrics.jsonl", 5, timeout_s=300)
+        job = slurm_cluster.run(["squeue", "-h", "-n", "preempt-me", "-o", "%F"]).stdout.split()[0]
+        slurm_cluster.run(["scancel", "--signal=USR1", job])
+        output = sweep.communicate(timeout=600)[0]
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+    assert sweep.returncode == 0, output[-5000:]
+    (record,) = slurm_cluster.jobs(int(job))
+    assert record["Restarts"] == "1"  # requeued once, by rank 0 of the job
+    task_log = "".join(p.read_text() for p in (folder / "sweep" / ".submitit").glob("*/*_0_log.*"))
+    assert "preempted by SIGUSR1" in task_log and "resuming from sweep/0/checkpoints/" in task_log, task_log[-3000:]
+
+    # 2 SLURM tasks as 2 workers: the same run as the 2 torchrun workers of the uninterrupted sbatch job
+    expected = read_losses(workdir / "runs" / f"sala-train-{uninterrupted[0]}")
+    resumed = read_losses(folder / "sweep" / "0")
+    assert resumed.keys() == expected.keys()
+    for step in expected:
+        assert resumed[step] == pytest.approx(expected[step], rel=1e-6, abs=0), step
