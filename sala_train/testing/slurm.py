@@ -63,7 +63,8 @@ def install_slurm(timeout_s: float = 600) -> None:
     if all(_find(p) for p in PROGRAMS):
         return
     if os.geteuid() != 0:
-        raise SlurmUnavailable(f"SLURM is not installed and installing it needs root: apt-get install {' '.join(PACKAGES)}")
+        raise SlurmUnavailable("SLURM is not installed and installing it needs root: "
+                               f"apt-get install {' '.join(PACKAGES)}")
     if shutil.which("apt-get") is None:
         raise SlurmUnavailable(f"SLURM is not installed and there is no apt-get to install {' '.join(PACKAGES)}")
     policy = Path("/usr/sbin/policy-rc.d")

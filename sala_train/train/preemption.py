@@ -10,9 +10,10 @@ requeued and resume from that checkpoint.
 The handlers only set a flag: a signal can land anywhere (inside a collective, a checkpoint write), and the
 only safe place to act on it is between optimizer steps. The flag is all-reduced (max), so when one rank was
 signalled every rank stops after the same step, and rank 0 writes the checkpoint through the trainer's save
-path. SLURM sends the signal to every process of a job step (``#SBATCH --signal=USR1@120``, ``scancel
---signal=USR1``, or SIGTERM when a job is preempted or cancelled); the launch scripts read the marker file
-(torchrun reports a failed worker as exit code 1, whatever code the worker exited with) and requeue the job.
+path. SLURM sends the signal to every process of a job step (``#SBATCH --signal=USR1@180``, ``scancel
+--signal=USR1``, or SIGTERM when a job is preempted or cancelled). launch/slurm/train.sbatch then finds the
+marker file and requeues the job (it cannot go by the exit code: torchrun reports a failed worker as exit code 1,
+whatever code the worker exited with); under Hydra's submitit launcher, ``requeue_submitit_job`` does it.
 """
 
 from __future__ import annotations

@@ -94,5 +94,6 @@ def test_sigterm_to_torchrun_checkpoints_and_leaves_the_preemption_marker(tmp_pa
     assert node.returncode != 0, output
     marker = json.loads((run_dir / "preempted.json").read_text())
     assert marker["signal"] == "SIGTERM" and 3 <= marker["global_step"] < 200, output
-    assert (run_dir / "checkpoints" / f"stage-{marker['stage_index']:02d}-step-{marker['step']:08d}" / "optimizer.pt").exists()
+    checkpoint = f"stage-{marker['stage_index']:02d}-step-{marker['step']:08d}"
+    assert (run_dir / "checkpoints" / checkpoint / "optimizer.pt").exists()
     assert max(read_losses(run_dir)) == marker["global_step"]
