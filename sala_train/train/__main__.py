@@ -61,9 +61,11 @@ def _main(cfg) -> None:
 
 def main() -> None:
     from ..config import register_configs
+    from .preemption import watch_preemption
 
     register_configs()
-    _main()
+    with watch_preemption():  # from the start: a signal while the model loads stops the run after its first step
+        _main()
 
 
 if __name__ == "__main__":

@@ -83,7 +83,13 @@ class PreemptionWatcher:
 @contextmanager
 def watch_preemption():
     """Install the SIGUSR1 / SIGTERM handlers for the duration of the block (only from the main thread, where
-    Python delivers signals; elsewhere the watcher never fires and a warning says so)."""
+    Python delivers signals; elsewhere the watcher never fires and a warning says so). Inside another
+    watch_preemption block it yields the outer watcher, so that a signal that came before (the entry point
+    installs one first thing, while the model still loads) is not forgotten."""
+    outer = getattr(signal.getsignal(PREEMPTION_SIGNALS[0]), "__self__", None)
+    if isinstance(outer, PreemptionWatcher):
+        yield outer
+        return
     watcher = PreemptionWatcher()
     if threading.current_thread() is not threading.main_thread():
         log.warning("not in the main thread: SIGUSR1 / SIGTERM keep their previous handlers, so the trainer "

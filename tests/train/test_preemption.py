@@ -10,7 +10,7 @@ import pytest
 
 from sala_train.testing import run_distributed
 from sala_train.testing.training import make_tiny_checkpoints, read_losses, tiny_train_config
-from sala_train.train.preemption import MARKER_NAME, PREEMPTED_EXIT_CODE, Preempted
+from sala_train.train.preemption import MARKER_NAME, PREEMPTED_EXIT_CODE, Preempted, watch_preemption
 from sala_train.train.trainer import Trainer
 
 
@@ -81,3 +81,15 @@ def test_one_signalled_rank_stops_every_rank_after_the_same_step(checkpoints, tm
     marker = json.loads((run_dir / MARKER_NAME).read_text())  # written by rank 0, which was not signalled
     assert marker["signal"] == "a signal to another rank"
     assert (marker["stage_index"], marker["step"]) == (0, 2)  # the last step of stage 0: resume goes on from there
+
+
+def test_a_signal_before_the_run_is_remembered_and_stops_it_after_the_first_step(checkpoints, tmp_path):
+    # python -m sala_train.train watches from its first line, so a signal while the model loads is not lost
+    with watch_preemption() as outer:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        with watch_preemption() as inner:
+            assert inner is outer
+        with pytest.raises(Preempted):
+            Trainer(make_config(checkpoints, tmp_path / "early")).run()
+    marker = json.loads((tmp_path / "early" / MARKER_NAME).read_text())
+    assert (marker["signal"], marker["global_step"]) == ("SIGUSR1", 1)
