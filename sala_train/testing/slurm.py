@@ -1,8 +1,9 @@
-"""A real single-node SLURM cluster on this machine, for tests: Debian's slurmctld, slurmd, slurm-client and
-munge, every file (config, key, sockets, state, logs) under one temporary folder, loopback only, daemons started
-in the foreground by this process and stopped by their PIDs.
+"""A real SLURM cluster on this machine, for tests: Debian's slurmctld, slurmd, slurm-client and munge, every
+file (config, key, sockets, state, logs) under one temporary folder, loopback only, daemons started in the
+foreground by this process and stopped by their PIDs. ``nodes`` > 1 runs one slurmd per node (node1, node2, ...,
+each on its own port, all at 127.0.0.1), so that multi-node jobs (one torchrun per node) run for real.
 
-    cluster = SlurmCluster.start(tmp_path / "slurm")        # installs the packages first if they are missing
+    cluster = SlurmCluster.start(tmp_path / "slurm", nodes=2)  # installs the packages first if they are missing
     job = cluster.sbatch(["launch/slurm/train.sbatch", "run_dir=..."], cwd=workdir, env=env)
     states = cluster.wait(job, timeout_s=300)                # ["COMPLETED"] (one per array task; polls scontrol)
     cluster.stop()                                           # cancels the jobs, then stops the daemons
@@ -32,7 +33,7 @@ from pathlib import Path
 
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
 PROGRAMS = ("slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "srun", "munged")
-NODE = "localhost"  # the node's name; also what `scontrol show hostnames` gives a job as the head node's address
+CONTROLLER = "localhost"
 PARTITION = "debug"
 FINISHED_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
                    "DEADLINE", "PREEMPTED"}
@@ -104,7 +105,12 @@ def node_resources() -> tuple[int, int]:
 @dataclass
 class SlurmCluster:
     root: Path
+    nodes: int = 1
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    @property
+    def node_names(self) -> list[str]:
+        return [f"node{i}" for i in range(1, self.nodes + 1)]
 
     @property
     def conf(self) -> Path:
@@ -119,12 +125,14 @@ class SlurmCluster:
 
     # -- bring-up -----------------------------------------------------------------------------------
     @classmethod
-    def start(cls, root: str | Path, timeout_s: float = 60) -> "SlurmCluster":
+    def start(cls, root: str | Path, nodes: int = 1, timeout_s: float = 60) -> "SlurmCluster":
         install_slurm()
         root = Path(root)
         if root.exists() and any(root.iterdir()):
             raise SlurmError(f"{root} is not empty; a cluster needs a fresh folder (job ids restart at 1)")
-        cluster = cls(root)
+        if nodes < 1:
+            raise ValueError(f"a cluster needs at least one node, got nodes={nodes}")
+        cluster = cls(root, nodes)
         atexit.register(cluster.stop)  # also when the caller never gets to stop() (an interrupted test session)
         try:
             cluster._write_files()
@@ -146,7 +154,7 @@ class SlurmCluster:
         self.conf.write_text("\n".join([
             "# written by sala_train.testing.slurm: a one-node test cluster on loopback",
             "ClusterName=sala-test",
-            f"SlurmctldHost={NODE}(127.0.0.1)",
+            f"SlurmctldHost={CONTROLLER}(127.0.0.1)",
             f"SlurmctldPort={_free_port()}",
             f"SlurmdPort={_free_port()}",
             "SlurmUser=root",
@@ -156,11 +164,11 @@ class SlurmCluster:
             # cred_expire: a requeued job may start again only after its credential expired (default 120 s)
             f"AuthInfo=socket={self.root / 'munge' / 'munge.socket'},cred_expire=10",
             f"StateSaveLocation={self.root / 'ctld'}",
-            f"SlurmdSpoolDir={self.root / 'spool'}",
+            f"SlurmdSpoolDir={self.root / 'spool' / '%n'}",  # %n: the node's name
             f"SlurmctldPidFile={self.root / 'slurmctld.pid'}",
-            f"SlurmdPidFile={self.root / 'slurmd.pid'}",
+            f"SlurmdPidFile={self.root / 'slurmd.%n.pid'}",
             f"SlurmctldLogFile={self.root / 'log' / 'slurmctld.log'}",
-            f"SlurmdLogFile={self.root / 'log' / 'slurmd.log'}",
+            f"SlurmdLogFile={self.root / 'log' / 'slurmd.%n.log'}",
             "ProctrackType=proctrack/linuxproc",  # no cgroups on this kind of machine
             "TaskPlugin=task/none",
             "JobAcctGatherType=jobacct_gather/none",
@@ -175,8 +183,10 @@ class SlurmCluster:
             "JobRequeue=1",
             "MinJobAge=3600",  # finished jobs stay in `scontrol show job` (there is no sacct here)
             "KillWait=10",
-            f"NodeName={NODE} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={max(memory - 512, 256)} State=UNKNOWN",
-            f"PartitionName={PARTITION} Nodes={NODE} Default=YES MaxTime=INFINITE State=UP",
+            # every node claims all CPUs of this machine; the memory is shared out
+            *(f"NodeName={name} NodeHostname=localhost NodeAddr=127.0.0.1 Port={_free_port()} CPUs={cpus} "
+              f"RealMemory={max((memory - 512) // self.nodes, 256)} State=UNKNOWN" for name in self.node_names),
+            f"PartitionName={PARTITION} Nodes={','.join(self.node_names)} Default=YES MaxTime=INFINITE State=UP",
             "",
         ]))
 
@@ -195,12 +205,13 @@ class SlurmCluster:
         self._spawn("slurmctld", [_find("slurmctld"), "-D", "-i", "-f", str(self.conf)])
         self._wait_for(lambda: self.run(["scontrol", "ping"], check=False).stdout.count("UP") > 0,
                        "slurmctld to answer scontrol ping", timeout_s)
-        self._spawn("slurmd", [_find("slurmd"), "-D", "-N", NODE, "-f", str(self.conf)])
-        self._wait_for(self._node_is_ready, f"node {NODE} to be idle", timeout_s)
+        for name in self.node_names:
+            self._spawn(f"slurmd.{name}", [_find("slurmd"), "-D", "-N", name, "-f", str(self.conf)])
+        self._wait_for(self._nodes_are_ready, f"nodes {self.node_names} to be idle", timeout_s)
 
-    def _node_is_ready(self) -> bool:
-        state = self.run(["sinfo", "-h", "-n", NODE, "-o", "%T"], check=False).stdout.strip().lower()
-        return state.startswith("idle") or state.startswith("mixed")
+    def _nodes_are_ready(self) -> bool:
+        states = self.run(["sinfo", "-h", "-N", "-o", "%T"], check=False).stdout.lower().split()
+        return len(states) == self.nodes and all(state in ("idle", "mixed") for state in states)
 
     def _wait_for(self, condition, what: str, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -264,14 +275,14 @@ class SlurmCluster:
 
     # -- tear-down ----------------------------------------------------------------------------------
     def stop(self) -> None:
-        """Cancel every job, then stop slurmd, slurmctld and munged (SIGTERM, SIGKILL after 10 s), by PID."""
+        """Cancel every job, then stop the slurmds, slurmctld and munged (SIGTERM, SIGKILL after 10 s), by PID."""
         if "slurmctld" in self.processes and self.processes["slurmctld"].poll() is None:
             try:
                 self.run(["scancel", f"--partition={PARTITION}"], check=False, timeout_s=30)
                 self._wait_for_no_jobs(timeout_s=20)
             except (subprocess.SubprocessError, OSError, SlurmError):
                 pass
-        for name in ("slurmd", "slurmctld", "munged"):
+        for name in [f"slurmd.{node}" for node in self.node_names] + ["slurmctld", "munged"]:
             process = self.processes.pop(name, None)
             if process is None or process.poll() is not None:
                 continue

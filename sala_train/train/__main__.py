@@ -43,7 +43,9 @@ def _main(cfg) -> None:
         # Hydra's submitit launcher starts one process per SLURM task: torch.distributed's variables from SLURM's
         from submitit.helpers import TorchDistributedEnvironment
 
-        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)  # MASTER_ADDR: the first node's name
+        if os.environ.get("SLURM_JOB_NUM_NODES") == "1":
+            os.environ["MASTER_ADDR"] = "127.0.0.1"  # one node: loopback, however (or whether) its name resolves
     resolved = OmegaConf.to_yaml(cfg, resolve=True)  # run_dir of a submitit sweep comes from ${hydra:...}
     train_cfg: TrainConfig = OmegaConf.to_object(cfg)
     trainer = Trainer(train_cfg)

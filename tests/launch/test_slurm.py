@@ -1,6 +1,7 @@
-"""Launching through a real SLURM cluster (one node on loopback, see sala_train.testing.slurm): sbatch of
-launch/slurm/train.sbatch with 2 torchrun workers, preemption by signal with requeue and exact resume, a job
-array sweep, and Hydra's submitit launcher: a 2-job multirun, and a 2-task job preempted, requeued and resumed."""
+"""Launching through a real SLURM cluster (2 nodes on loopback, see sala_train.testing.slurm): sbatch of
+launch/slurm/train.sbatch on 2 nodes (one torchrun per node, one worker each), preemption by signal with requeue
+and exact resume, a job array sweep, and Hydra's submitit launcher: a 2-job multirun, and a 2-task job
+preempted, requeued and resumed."""
 
 import json
 import os
@@ -39,7 +40,8 @@ def job_environment(**extra) -> dict:
            if not k.startswith(("SLURM_", "MASTER_", "SUBMITIT_")) and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK",
                                                                              "NPROC_PER_NODE", "RUN_DIR")}
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
-    return {**env, "PYTHON": sys.executable, **extra}
+    # the 2 "nodes" share this machine's cores: one thread per worker (torchrun sets it only for 2+ per node)
+    return {**env, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", **extra}
 
 
 def recipe(checkpoints) -> list[str]:
@@ -48,21 +50,22 @@ def recipe(checkpoints) -> list[str]:
 
 @pytest.fixture(scope="module")
 def uninterrupted(slurm_cluster, checkpoints, workdir):
-    """A 2-worker training job submitted with the defaults the docs describe: (job id, its final state)."""
-    job = slurm_cluster.sbatch([TRAIN_SBATCH, *recipe(checkpoints)], cwd=workdir,
-                               env=job_environment(NPROC_PER_NODE="2"))
+    """A training job on 2 nodes, 1 worker each, submitted with the defaults the docs describe: (job id, states)."""
+    job = slurm_cluster.sbatch(["--nodes=2", TRAIN_SBATCH, *recipe(checkpoints)], cwd=workdir,
+                               env=job_environment(NPROC_PER_NODE="1"))
     return job, slurm_cluster.wait(job, timeout_s=600)
 
 
-def test_sbatch_trains_with_two_workers_where_the_docs_say(uninterrupted, workdir):
+def test_sbatch_trains_on_two_nodes_where_the_docs_say(slurm_cluster, uninterrupted, workdir):
     job, state = uninterrupted
     log = (workdir / f"slurm-sala-train-{job}.out").read_text()  # --output=slurm-%x-%j.out in the submit folder
     assert state == ["COMPLETED"], log
     run_dir = workdir / "runs" / f"sala-train-{job}"  # the default RUN_DIR: runs/<job name>-<job id>
-    assert f"run folder runs/sala-train-{job}" in log
-    # only rank 0 writes metrics: one record per step means the 2 workers formed one data-parallel group
+    assert f"on node[1-2], head 127.0.0.1:" in log and f"run folder runs/sala-train-{job}" in log
+    assert slurm_cluster.job(job)["NumNodes"] == "2"
+    # torchrun --nnodes 2 on each node: the run needs both to join the rendezvous, and since only rank 0 writes
+    # metrics, one record per step means the workers of both nodes trained as one group
     assert sorted(read_losses(run_dir)) == list(range(1, STEPS + 1))
-    assert "each process" in log  # torchrun's notice when it starts more than one worker per node
     assert (run_dir / "checkpoints" / "stage-02-step-00000000" / "model" / "config.json").exists()
     assert (run_dir / "export" / "long" / "config.json").exists()
     assert not (run_dir / "preempted.json").exists()
@@ -79,11 +82,11 @@ def wait_for_step(metrics: Path, step: int, timeout_s: float) -> None:
 
 def test_preempted_job_checkpoints_requeues_and_ends_with_the_uninterrupted_losses(
         slurm_cluster, checkpoints, workdir, uninterrupted):
-    job = slurm_cluster.sbatch([TRAIN_SBATCH, *recipe(checkpoints)], cwd=workdir,
-                               env=job_environment(NPROC_PER_NODE="2", RUN_DIR="runs/preempted"))
+    job = slurm_cluster.sbatch(["--nodes=2", TRAIN_SBATCH, *recipe(checkpoints)], cwd=workdir,
+                               env=job_environment(NPROC_PER_NODE="1", RUN_DIR="runs/preempted"))
     run_dir = workdir / "runs" / "preempted"
     wait_for_step(run_dir / "metrics.jsonl", 5, timeout_s=300)
-    slurm_cluster.run(["scancel", "--signal=USR1", str(job)])  # what --signal=USR1@180 sends before the limit
+    slurm_cluster.run(["scancel", "--signal=USR1", str(job)])  # as --signal=USR1@180 does: every node's workers
     state = slurm_cluster.wait(job, timeout_s=600)
     log = (workdir / f"slurm-sala-train-{job}.out").read_text()  # --open-mode=append: both runs of the job
     assert state == ["COMPLETED"], log
@@ -151,7 +154,7 @@ def test_submitit_job_preempted_requeues_itself_and_ends_with_the_uninterrupted_
     task_log = "".join(p.read_text() for p in (folder / "sweep" / ".submitit").glob("*/*_0_log.*"))
     assert "preempted by SIGUSR1" in task_log and "resuming from sweep/0/checkpoints/" in task_log, task_log[-3000:]
 
-    # 2 SLURM tasks as 2 workers: the same run as the 2 torchrun workers of the uninterrupted sbatch job
+    # 2 SLURM tasks as 2 workers: the same run as the 2 workers (2 nodes) of the uninterrupted sbatch job
     expected = read_losses(workdir / "runs" / f"sala-train-{uninterrupted[0]}")
     resumed = read_losses(folder / "sweep" / "0")
     assert resumed.keys() == expected.keys()

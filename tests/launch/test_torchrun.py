@@ -22,7 +22,7 @@ TOPOLOGY_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "NPROC_PER_NODE", "NNODES", 
 
 def launcher_environment(**extra) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in TOPOLOGY_VARIABLES and not k.startswith("SLURM_")}
-    return {**env, "PYTHON": sys.executable, **extra}
+    return {**env, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", **extra}  # 2 workers share 2 cores
 
 
 @pytest.mark.parametrize("args,env,message", [
