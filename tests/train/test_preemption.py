@@ -37,10 +37,17 @@ def signal_at(global_step: int, signum: int, rank_to_signal: int = 0):
     return log_then_signal
 
 
+@pytest.fixture(scope="module")
+def uninterrupted_losses(checkpoints, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("full")
+    Trainer(make_config(checkpoints, run_dir)).run()
+    return read_losses(run_dir)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM])
-def test_signal_mid_stage_checkpoints_exits_75_and_resumes_exactly(checkpoints, tmp_path, monkeypatch, signum):
-    Trainer(make_config(checkpoints, tmp_path / "full")).run()
-    expected = read_losses(tmp_path / "full")
+def test_signal_mid_stage_checkpoints_exits_75_and_resumes_exactly(checkpoints, uninterrupted_losses, tmp_path,
+                                                                    monkeypatch, signum):
+    expected = uninterrupted_losses
 
     handler_before = signal.getsignal(signum)
     run_dir = tmp_path / "preempted"
