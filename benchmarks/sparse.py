@@ -11,7 +11,8 @@ models where neighbouring tokens attend alike); "union" = blocks a query tile lo
 against the 97 a single token selects.
 
 32 query / 2 KV heads, D = 128, bf16, block 64, windows 32/16, init 1 + local 32 + top-64.
-ms are medians of do_bench; x = SDPA / ours; peak memory of ours' forward+backward.
+ms are medians of do_bench; x = SDPA / ours; peak memory of ours' forward+backward. Where fla is installed,
+its NSA selected-block attention (`parallel_nsa` with our block indices) is timed against our attention alone.
 """
 
 from __future__ import annotations
@@ -27,6 +28,15 @@ from sala_train.kernels.sparse import attention as attention_module
 from sala_train.kernels.sparse import select_blocks, sparse_attention
 
 SELECT = dict(block_size=64, kernel_size=32, kernel_stride=16, init_blocks=1, local_blocks=32, topk=64)
+
+
+def try_fla_nsa():
+    try:
+        from fla.ops.nsa import parallel_nsa
+
+        return parallel_nsa
+    except Exception:  # noqa: BLE001 - fla is optional
+        return None
 
 
 def bench(fn, rep=200):
@@ -74,13 +84,29 @@ def run(T, B, Hq=32, Hk=2, D=128, backward=True, sdpa=True, inputs="random"):
         r["union_per_tile"] = mean_union(idx, BQ)
         r["selected_per_token"] = (idx >= 0).sum(-1).float().mean().item()
     r["total_fwd_ms"] = r["select_ms"] + r["attn_fwd_ms"]
+    do = torch.randn_like(q)
     if backward:
-        do = torch.randn_like(q)
         torch.cuda.reset_peak_memory_stats()
         step = lambda: torch.autograd.grad(sparse_attention(q, k, v, select_blocks(q, k, **SELECT), block_size=64),  # noqa: E731
                                            (q, k, v), do)
         r["total_fwdbwd_ms"] = bench(step)
         r["peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
+        r["attn_fwdbwd_ms"] = bench(lambda: torch.autograd.grad(sparse_attention(q, k, v, idx, block_size=64),
+                                                                (q, k, v), do))
+    nsa = try_fla_nsa()
+    if nsa is not None:  # fla's NSA selected-block attention on the same block indices (attention only)
+        fla_idx = idx.permute(0, 2, 1, 3).contiguous().long()  # [B, T, H_kv, S]
+        slots = fla_idx.shape[-1]
+
+        def fla_attn():
+            return nsa(q, k, v, block_indices=fla_idx, block_counts=slots, block_size=64)
+        try:
+            with torch.no_grad():
+                r["fla_nsa_fwd_ms"] = bench(fla_attn, 100)
+            if backward:
+                r["fla_nsa_fwdbwd_ms"] = bench(lambda: torch.autograd.grad(fla_attn(), (q, k, v), do), 100)
+        except Exception as err:  # noqa: BLE001 - report and go on
+            r["fla_nsa_error"] = f"{type(err).__name__}: {str(err)[:100]}"
     if sdpa:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -145,6 +171,15 @@ def main():
                  (r["cudnn_fwdbwd_ms"] / fb) if fb and "cudnn_fwdbwd_ms" in r else None, r.get("peak_GiB"),
                  100 * r["select_ms"] / r["total_fwd_ms"] if "select_ms" in r else None, r.get("union_per_tile")]
         print(f"| {T} x {B} | " + " | ".join(f"{c:.2f}" if isinstance(c, float) else "-" for c in cells) + " |")
+    print("\n| T x B | ours attn fwd | fla NSA fwd | x | ours attn f+b | fla NSA f+b | x |  (attention only, same blocks)")
+    for T, B, r in rows:
+        def ratio(a, b):
+            return f"{r[a] / r[b]:.2f}" if a in r and b in r else "-"
+
+        cells = [r.get("attn_fwd_ms"), r.get("fla_nsa_fwd_ms"), ratio("fla_nsa_fwd_ms", "attn_fwd_ms"),
+                 r.get("attn_fwdbwd_ms"), r.get("fla_nsa_fwdbwd_ms"), ratio("fla_nsa_fwdbwd_ms", "attn_fwdbwd_ms")]
+        print(f"| {T} x {B} | " + " | ".join(f"{c:.2f}" if isinstance(c, float) else (c or "-") for c in cells)
+              + f" | {r.get('fla_nsa_error', '')}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1, default=str)
