@@ -20,6 +20,7 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN_SBATCH = REPO / "launch" / "slurm" / "train.sbatch"
+SELECT_ARRAY = REPO / "launch" / "slurm" / "select_array.sh"
 STEPS = 200  # recipes/experiment/tiny_launch.yaml: 100 + 100 optimizer steps
 SHORT = ["stages.0.tokens=1280", "stages.1.tokens=2560"]  # 10 + 10 steps
 
@@ -112,6 +113,28 @@ def test_job_array_runs_one_sweep_line_per_task(slurm_cluster, checkpoints, work
         run_dir = workdir / "runs" / "sweep" / str(task)
         assert sorted(read_losses(run_dir)) == list(range(1, 21))
         assert f"lr: {lr}" in (run_dir / "config.yaml").read_text()
+
+
+def test_layer_selection_sweep_as_a_job_array(slurm_cluster, checkpoints, workdir):
+    # select_array.sh: alignment job -> 2-task array, each scoring half of the layers -> merge writing the plan
+    output = workdir / "select"
+    overrides = [f"teacher={checkpoints / 'teacher'}", f"output={output}", "lightning_backend=torch",
+                 "align.steps=3", "align.seq_len=64", "align.batch_size=2", "align.warmup_steps=1",
+                 "tasks.context_len=96", "tasks.num_examples=2", "tasks.heldout_len=48", "tasks.heldout_sequences=2",
+                 "selection.ratio=0.5"]
+    env = job_environment(SHARDS="2")
+    submitted = slurm_cluster.run([str(SELECT_ARRAY), *overrides], cwd=workdir, env=env).stdout
+    align, sweep, merge = (int(x) for x in re.findall(r"(?:alignment|sweep|merge) (\d+)", submitted))
+    assert slurm_cluster.wait(merge, timeout_s=600) == ["COMPLETED"], submitted
+    assert slurm_cluster.wait(align) == ["COMPLETED"] and slurm_cluster.wait(sweep) == ["COMPLETED", "COMPLETED"]
+    layers = json.loads((checkpoints / "teacher" / "config.json").read_text())["num_hidden_layers"]
+    for i in range(2):
+        shard = json.loads((output / f"sweep-shard-{i}-of-2.json").read_text())
+        assert [m is not None for m in shard["layers"]] == [j % 2 == i for j in range(layers)]
+    from sala_train.layer_selection import LayerPlan
+
+    assert len(json.loads((output / "sweep.json").read_text())["layers"]) == layers
+    assert LayerPlan.load(output / "plan.json").evidence["method"] == "halo"
 
 
 @requires_module("hydra_plugins.hydra_submitit_launcher")
