@@ -121,12 +121,14 @@ def test_layer_selection_sweep_as_a_job_array(slurm_cluster, checkpoints, workdi
     overrides = [f"teacher={checkpoints / 'teacher'}", f"output={output}", "lightning_backend=torch",
                  "align.steps=3", "align.seq_len=64", "align.batch_size=2", "align.warmup_steps=1",
                  "tasks.context_len=96", "tasks.num_examples=2", "tasks.heldout_len=48", "tasks.heldout_sequences=2",
-                 "selection.ratio=0.5"]
+                 "selection.ratio=0.5", "selection.forced_layers=[]"]  # the tiny teacher has 2 layers
     env = job_environment(SHARDS="2")
     submitted = slurm_cluster.run([str(SELECT_ARRAY), *overrides], cwd=workdir, env=env).stdout
     align, sweep, merge = (int(x) for x in re.findall(r"(?:alignment|sweep|merge) (\d+)", submitted))
-    assert slurm_cluster.wait(merge, timeout_s=600) == ["COMPLETED"], submitted
-    assert slurm_cluster.wait(align) == ["COMPLETED"] and slurm_cluster.wait(sweep) == ["COMPLETED", "COMPLETED"]
+    # in order: a failed job leaves its dependants pending forever
+    assert slurm_cluster.wait(align, timeout_s=300) == ["COMPLETED"], (workdir / f"slurm-sala-select-{align}.out")
+    assert slurm_cluster.wait(sweep, timeout_s=300) == ["COMPLETED", "COMPLETED"]
+    assert slurm_cluster.wait(merge, timeout_s=300) == ["COMPLETED"]
     layers = json.loads((checkpoints / "teacher" / "config.json").read_text())["num_hidden_layers"]
     for i in range(2):
         shard = json.loads((output / f"sweep-shard-{i}-of-2.json").read_text())
