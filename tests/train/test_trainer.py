@@ -118,6 +118,18 @@ def test_kl_without_teacher_is_refused(checkpoints, tmp_path):
         Trainer(make_config(checkpoints, tmp_path / "x", teacher=None))
 
 
+@pytest.mark.parametrize("backend", ["torch", "deepspeed"])
+def test_shard_optimizer_is_refused_outside_the_megatron_backend(backend):
+    from sala_train.train.config import StageConfig
+
+    cfg = TrainConfig(student="s", run_dir="r", stages=[StageConfig(seq_len=8, tokens=8)])
+    cfg.backend.name, cfg.backend.shard_optimizer = backend, True
+    with pytest.raises(RecipeError, match="shard_optimizer = true is the megatron backend's ZeRO-1"):
+        cfg.validate()
+    cfg.backend.shard_optimizer = None  # the default: on for megatron where it helps, nothing elsewhere
+    cfg.validate()
+
+
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (RECIPES / "experiment").glob("*.yaml")))
 def test_every_experiment_recipe_composes_and_validates(experiment):
     register_configs()
