@@ -104,16 +104,17 @@ STEPS = 3
 GRAD_CLIP = 0.1  # below the tiny model's gradient norm (~0.15): every step is clipped
 
 
-def sharding_rank(rank, world_size):
-    """CP=2, then DP=2 in the same 2 processes (megatron's groups rebuilt): STEPS clipped AdamW steps with
-    the optimizer replicated and sharded. Returns, per (layout, sharded): the losses, the final weights, this
-    rank's AdamW state size (its tensors, the step counts left out) and the size of the parameters it owns."""
+def sharding_rank(rank, world_size, layouts):
+    """For each (name, tp, cp) of ``layouts``, in the same processes (megatron's groups rebuilt): STEPS clipped
+    AdamW steps with the optimizer replicated and sharded. Returns, per (name, sharded): the losses, the final
+    full weights, this rank's AdamW state size (its tensors, the step counts left out), the size of the
+    parameters it owns, of its TP shard's parameters and of the largest of them, and its TP rank."""
     ids, positions, labels = tiny_batch()
     results = {}
-    for layout, cp in (("cp2", 2), ("dp2", 1)):
+    for name, tp, cp in layouts:
         for sharded in (False, True):
             model = tiny_model()
-            backend = megatron_backend(model, world_size, 1, cp, shard_optimizer=sharded, grad_clip=GRAD_CLIP)
+            backend = megatron_backend(model, world_size, tp, cp, shard_optimizer=sharded, grad_clip=GRAD_CLIP)
             assert backend.sharded == sharded
             losses = []
             for _ in range(STEPS):
@@ -124,50 +125,61 @@ def sharding_rank(rank, world_size):
             params = dict(backend.module.named_parameters())
             state = sum(t.numel() for per_param in backend.local_optimizer.state.values()
                         for t in per_param.values() if t.dim() > 0)
-            owned = sum(params[name].numel() for name in backend.owned_parameters())
-            results[layout, sharded] = losses, {n: p.detach().clone() for n, p in params.items()}, state, owned
+            owned = sum(params[n].numel() for n in backend.owned_parameters())
+            sizes = [p.numel() for p in params.values()]
+            results[name, sharded] = (losses, {n: t.clone() for n, t in backend.full_state().items()}, state, owned,
+                                      sum(sizes), max(sizes), backend.layout.tensor_rank)
             backend.close()
     return results
 
 
-def test_sharded_optimizer_gives_the_replicated_steps_with_a_share_of_the_state():
-    """ZeRO-1 changes where each AdamW update is computed, not what it computes: the sharded run's weights
-    equal the replicated run's bit for bit, and both follow one process (clipping on the full gradient norm,
-    above GRAD_CLIP here). Each rank keeps the state of about half the parameters."""
+def one_process_steps():
+    """The reference: STEPS AdamW steps of one process with the gradient clipped to GRAD_CLIP."""
     from sala_train.train.params import param_groups
 
     model = tiny_model()
     optimizer = torch.optim.AdamW(param_groups(model, 1e-3, 0.1), betas=(0.9, 0.95), eps=1e-8)
     ids, positions, labels = tiny_batch()
-    expected_losses, norms = [], []
+    losses = []
     for _ in range(STEPS):
         out = model(ids, position_ids=positions, labels=labels)
         out.loss.backward()
-        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)))
+        assert torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP) > GRAD_CLIP  # clipping exercised
         optimizer.step()
         optimizer.zero_grad()
-        expected_losses.append(out.loss.item())
-    assert min(norms) > GRAD_CLIP  # the clipping is exercised
-    expected = dict(model.named_parameters())
-    total = sum(p.numel() for p in expected.values())
-    largest = max(p.numel() for p in expected.values())
+        losses.append(out.loss.item())
+    return losses, dict(model.named_parameters())
 
-    results = run_distributed(sharding_rank, world_size=2, timeout_s=240)
-    for layout in ("cp2", "dp2"):
-        owned = [result[layout, True][3] for result in results]
-        assert sum(owned) == total, f"{layout}: every parameter is owned by exactly one rank"
+
+@pytest.mark.parametrize("world_size, layouts", [
+    (2, [("cp2", 1, 2), ("dp2", 1, 1)]),
+    pytest.param(4, [("tp2xcp2", 2, 2)], marks=pytest.mark.slow),
+], ids=["cp2-and-dp2", "tp2xcp2"])
+def test_sharded_optimizer_gives_the_replicated_steps_with_a_share_of_the_state(world_size, layouts):
+    """ZeRO-1 changes where each AdamW update is computed, not what it computes: the sharded run's weights
+    equal the replicated run's bit for bit, and both follow one process (clipping on the full gradient norm,
+    above GRAD_CLIP here). The ranks of one TP shard split its parameters: each keeps the AdamW state of
+    about 1/N of them (N = CP x DP ranks)."""
+    expected_losses, expected = one_process_steps()
+    results = run_distributed(sharding_rank, world_size=world_size, args=(layouts,), timeout_s=300)
+    for name, tp, cp in layouts:
+        sharers = world_size // tp
+        for tensor_rank in range(tp):
+            shard = [r[name, True] for r in results if r[name, True][6] == tensor_rank]
+            assert len(shard) == sharers
+            assert sum(r[3] for r in shard) == shard[0][4], f"{name}: every parameter is owned by exactly one rank"
         for rank, result in enumerate(results):
-            losses, weights, state, _ = result[layout, True]
-            replicated_losses, replicated_weights, replicated_state, _ = result[layout, False]
-            where = f"{layout} rank {rank}"
+            losses, weights, state, owned, local_total, largest, _ = result[name, True]
+            replicated_losses, replicated_weights, replicated_state, *_ = result[name, False]
+            where = f"{name} rank {rank}"
             assert losses == replicated_losses, where
-            for name, weight in weights.items():
-                assert torch.equal(weight, replicated_weights[name]), f"{where} {name}"
-                assert_close(weight, expected[name], ratio=RATIO, name=f"{where} {name}")
+            for key, weight in weights.items():
+                assert torch.equal(weight, replicated_weights[key]), f"{where} {key}"
+                assert_close(weight, expected[key], ratio=RATIO, name=f"{where} {key}")
             assert losses == pytest.approx(expected_losses, rel=RATIO), where
-            # exp_avg and exp_avg_sq of the owned parameters only: half the state, give or take one parameter
-            assert replicated_state == 2 * total, where
-            assert state == 2 * owned[rank] and owned[rank] <= total / 2 + largest, where
+            # exp_avg and exp_avg_sq of the owned parameters only: 1/N of the state, give or take one parameter
+            assert replicated_state == 2 * local_total, where
+            assert state == 2 * owned and owned <= local_total / sharers + largest, where
 
 
 # ---------------------------------------------------------------------------------------------------------
