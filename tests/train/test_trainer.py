@@ -140,6 +140,29 @@ def test_every_experiment_recipe_composes_and_validates(experiment):
     train_cfg.validate(data_parallel_size=1)
 
 
+@pytest.mark.parametrize("experiment, gpus", [
+    ("minicpm_sala_8b_128k_tp2cp2", 4), ("minicpm_sala_8b_128k_tp2cp2", 8),
+    ("minicpm_sala_8b_32k_zero3", 4), ("minicpm_sala_8b_32k_zero3", 8),
+])
+def test_issue_11_recipes_run_50_steps_with_a_checkpoint_at_25_on_4_and_8_gpus(experiment, gpus):
+    from sala_train.train.trainer import data_parallel_size
+
+    register_configs()
+    with initialize_config_module(config_module="sala_train.recipes", version_base="1.3"):
+        cfg = OmegaConf.to_object(compose("train", overrides=[f"+experiment={experiment}", "student=s", "run_dir=r"]))
+    data_world = data_parallel_size(cfg.backend, gpus)
+    cfg.validate(data_world)
+    (stage,) = cfg.stages
+    assert stage.plan(data_world)[1] == 50 and stage.save_every == 25
+    assert cfg.teacher is None and cfg.backend.bf16 and cfg.backend.activation_checkpointing
+    assert Path(stage.data.sources[0].path).is_file()  # the committed text: runs without a data set
+    if cfg.backend.name == "megatron":
+        assert (cfg.backend.tensor_parallel, cfg.backend.context_parallel, stage.seq_len) == (2, 2, 131072)
+        assert cfg.backend.shard_optimizer
+    else:
+        assert (cfg.backend.zero_stage, stage.seq_len) == (3, 32768)
+
+
 def test_minicpm_sala_8b_recipe_is_the_paper_stage_table():
     register_configs()
     with initialize_config_module(config_module="sala_train.recipes", version_base="1.3"):
