@@ -8,7 +8,7 @@ a short run of one recipe's first stage under torchrun, printed as a markdown ta
     python benchmarks/scaling.py ... --cpu --seq-len 256 --points 1:1x1 2:1x2 --steps 2 -- backend.bf16=false
                                               # a smoke test of the script on CPU (gloo), tiny student
 
-A point GPUS:TPxCP runs
+A point GPUS:TPxCP runs (torchrun: this python's torch.distributed.run)
 
     torchrun --standalone --nproc-per-node GPUS -m sala_train.train +experiment=E student=S \
         run_dir=OUT/gpus-G-tp-T-cp-C backend.tensor_parallel=T backend.context_parallel=C \
@@ -51,7 +51,8 @@ def parse_point(text: str) -> tuple[int, int, int]:
 def command(args, gpus: int, tp: int, cp: int, run_dir: Path) -> list[str]:
     data_parallel = gpus // (tp * cp)
     return [
-        "torchrun", "--standalone", f"--nproc-per-node={gpus}", "-m", "sala_train.train",
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}",
+        "-m", "sala_train.train",
         f"+experiment={args.experiment}", f"student={args.student}", f"run_dir={run_dir}", "resume=false",
         f"backend.tensor_parallel={tp}", f"backend.context_parallel={cp}",
         f"stages.0.seq_len={args.seq_len}", "stages.0.global_batch_tokens=0",
@@ -64,7 +65,8 @@ def command(args, gpus: int, tp: int, cp: int, run_dir: Path) -> list[str]:
 def summarise(run_dir: Path, gpus: int, tp: int, cp: int) -> dict:
     """Medians of the steps after the first (from metrics.jsonl); the peak memory over all steps."""
     metrics = run_dir / "metrics.jsonl"
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.exists() else []
+    lines = metrics.read_text().splitlines() if metrics.exists() else []
+    records = [json.loads(line) for line in lines if line.strip()]
     steps = [r for r in records if "tokens_per_s" in r]
     row = {"gpus": gpus, "tp": tp, "cp": cp, "dp": gpus // (tp * cp), "steps": len(steps)}
     timed = steps[1:] or steps
