@@ -184,6 +184,57 @@ def test_sharded_optimizer_gives_the_replicated_steps_with_a_share_of_the_state(
             assert state == 2 * owned and owned <= local_total / sharers + largest, where
 
 
+def _optimizer_checkpoint_rank(rank, world_size, directory):
+    """One process, ZeRO over a group of 1: a sharded save reloads to the same AdamW state; a checkpoint whose
+    optimizer layout or trainable parameters differ is refused with a message that says so."""
+    from pathlib import Path
+
+    directory = Path(directory)
+    ids, positions, labels = tiny_batch()
+
+    def backend_after_one_step(sharded, model=None):
+        backend = megatron_backend(model or tiny_model(), world_size, 1, 1, shard_optimizer=sharded)
+        out = backend.model(ids, position_ids=positions, labels=labels)
+        backend.backward(out.loss)
+        backend.step(loss_finite=True)
+        return backend
+
+    def state(backend):
+        return [t.clone() for per_param in backend.local_optimizer.state_dict()["state"].values()
+                for t in per_param.values()]
+
+    sharded, replicated = backend_after_one_step(True), backend_after_one_step(False)
+    for name, backend in (("sharded", sharded), ("replicated", replicated)):
+        (directory / name).mkdir()
+        backend.save(directory / name)
+    reloaded = megatron_backend(tiny_model(), world_size, 1, 1, shard_optimizer=True)
+    reloaded.load(directory / "sharded")
+    same = all(torch.equal(a, b) for a, b in zip(state(reloaded), state(sharded), strict=True))
+    errors = []
+    attempts = [(replicated, "sharded"), (reloaded, "replicated")]
+    frozen_head = tiny_model()
+    frozen_head.lm_head.weight.requires_grad_(False)
+    attempts.append((megatron_backend(frozen_head, world_size, 1, 1, shard_optimizer=True), "sharded"))
+    for backend, name in attempts:
+        try:
+            backend.load(directory / name)
+            errors.append(None)
+        except (FileNotFoundError, RuntimeError) as error:
+            errors.append(str(error))
+    return same, sorted(p.name for p in (directory / "sharded" / "megatron").iterdir()), errors
+
+
+def test_sharded_optimizer_checkpoint_reloads_exactly_and_refuses_another_layout(tmp_path):
+    ((same, files, errors),) = run_distributed(_optimizer_checkpoint_rank, world_size=1, args=(str(tmp_path),),
+                                               timeout_s=120)
+    assert same
+    assert files == ["tp-00-of-01-optimizer-00-of-01.pt", "tp-00-of-01.pt"]
+    replicated_from_sharded, sharded_from_replicated, other_parameters = errors
+    assert "was written with a sharded optimizer" in replicated_from_sharded
+    assert "no optimizer shard for rank 0 of the 1 ranks" in sharded_from_replicated
+    assert "the trainable parameters or the layout changed" in other_parameters
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The trainer with backend.name = megatron
 # ---------------------------------------------------------------------------------------------------------
