@@ -29,7 +29,9 @@ kernels skip (``q_start``), so each rank scores and attends only for its own que
 Loss. Targets are shifted on the whole sequence before the split (a document's last token predicts nothing,
 also across a rank border); each rank's cross-entropy sum is divided by the global count, and the value
 reported is the CP total while the gradient is the local part (the backend sums gradients over the CP
-group). Logits, when asked for (KL distillation), are gathered with a backward that keeps the local slice.
+group). The cross-entropy runs the head in chunks (``chunked_cross_entropy_sum``): a rank's fp32 logits are
+never whole (19 GB at 64K tokens and V = 73448). Logits, when asked for (KL distillation), are computed from
+the rank's hidden states then and gathered with a backward that keeps the local slice.
 """
 
 from __future__ import annotations
@@ -38,7 +40,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 IGNORE_INDEX = -100
 
@@ -449,8 +450,12 @@ def install_context_parallel_ops(model) -> ContextParallelOps:
     return ops
 
 
+HEAD_CHUNK = 2048  # positions per chunk of the cross-entropy's head: 0.6 GB of fp32 logits at V = 73448
+
+
 class ContextParallelOutput:
-    """The loss of the whole sequence; ``logits`` gathered (and put back in sequence order) on first use."""
+    """The loss of the whole sequence; ``logits`` computed from this rank's hidden states, gathered and put
+    back in sequence order on first use (``local_logits``: a function that returns this rank's part)."""
 
     def __init__(self, loss, local_logits, shard: ContextParallelShard):
         self.loss = loss
@@ -462,8 +467,8 @@ class ContextParallelOutput:
     def logits(self) -> torch.Tensor:
         if self._logits is None:
             shard = self._shard
-            gathered = (all_gather_replicated(self._local_logits, shard.group) if shard.size > 1
-                        else self._local_logits[None])
+            local = self._local_logits()
+            gathered = all_gather_replicated(local, shard.group) if shard.size > 1 else local[None]
             self._logits = zigzag_unsplit(gathered, shard.size, dim=1)
         return self._logits
 
@@ -502,15 +507,27 @@ class ContextParallelModel(torch.nn.Module):
             position_ids = torch.arange(T, device=input_ids.device)[None].expand(B, T)
         shard = ContextParallelShard.of(position_ids, self.group)
         self.ops.shard = shard
-        out = self.module(shard.split(input_ids), position_ids=shard.split(position_ids))
+        module = self.module
+        hidden, _, _ = module.model(input_ids=shard.split(input_ids), position_ids=shard.split(position_ids))
         loss = None
         if labels is not None:
+            # the head in chunks: at 64K tokens per rank the fp32 logits alone would take 19 GB (V = 73448)
+            from ..train.losses import chunked_cross_entropy_sum
+
             targets = next_token_targets(labels, position_ids)
             count = (targets != IGNORE_INDEX).sum().clamp(min=1)
-            local = F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]), shard.split(targets).reshape(-1),
-                                    ignore_index=IGNORE_INDEX, reduction="sum") / count
+            local = chunked_cross_entropy_sum(hidden, module.lm_head.weight, shard.split(targets), chunk=HEAD_CHUNK,
+                                              width_multiplier=module.config.width_multiplier) / count
             total = local.detach().clone()
             if shard.size > 1:
                 dist.all_reduce(total, group=self.group)
             loss = local + (total - local.detach())  # the value of the whole batch, the gradient of this part
-        return ContextParallelOutput(loss, out.logits, shard)
+        # the logits only when read (KL distillation), as the model's head computes them, under this autocast
+        device_type = hidden.device.type
+        autocast = dict(enabled=torch.is_autocast_enabled(device_type), dtype=torch.get_autocast_dtype(device_type))
+
+        def local_logits() -> torch.Tensor:
+            with torch.autocast(device_type, **autocast):
+                return module.lm_head(hidden / module.config.width_multiplier).float()
+
+        return ContextParallelOutput(loss, local_logits, shard)

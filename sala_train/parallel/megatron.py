@@ -20,15 +20,26 @@ parallelised here, from outside, in one place (``tensor_parallelize``):
 
 Gradients: every rank's loss is its CP part of the whole sequence (context_parallel.ContextParallelModel),
 so gradients are summed over CP and averaged over DP in one all-reduce on megatron's data-parallel-with-CP
-group, after the last micro-batch. The optimizer is torch's AdamW over our muP groups, replicated on every
-rank of a TP shard (megatron's DistributedOptimizer, which would shard it over DP, is not used yet).
+group, after the last micro-batch; the clipping norm is taken over these full gradients.
 ``backend.bf16``: the forward runs under bf16 autocast (matmuls and attention in bf16); weights, gradients
 and AdamW stay fp32.
 
-Checkpoints: ``save`` writes, per TP rank, that rank's parameter shards and optimizer state
-(``megatron/tp-RR-of-TT.pt``, written by the first CP and DP rank); the trainer's HF export gathers the full
-weights (``full_weights``). Any TP/CP layout starts from an HF checkpoint: every rank loads it whole and keeps
-its slices. Resuming the sharded optimizer state needs the same tensor_parallel.
+Optimizer: torch's AdamW over our muP groups. The ranks of one data-parallel-with-CP group hold the same
+parameters (one TP shard); with ``backend.shard_optimizer`` (default: on wherever that group has more than
+one rank) torch's ZeroRedundancyOptimizer splits the AdamW state over them (ZeRO-1): each parameter is
+owned by one rank of the group (whole parameters, greedily balanced by size), that rank's AdamW updates it
+and broadcasts it to the others. The state, 8 bytes per parameter in fp32, drops to about 1/N of it per rank;
+weights and gradients stay whole (megatron's DistributedOptimizer, which would also shard those, needs CUDA
+and its own DDP wrapper). The cost: a broadcast of the parameters after every step, on top of the gradient
+all-reduce (1.5x the traffic of plain data parallelism). Off, AdamW is replicated on every rank.
+
+Checkpoints: ``save`` writes, per TP rank, that rank's parameter shards (``megatron/tp-RR-of-TT.pt``, by the
+first CP and DP rank) with the optimizer state when it is replicated; sharded, every rank writes its own AdamW
+state (``megatron/tp-RR-of-TT-optimizer-SS-of-NN.pt``, SS its rank in the data-parallel-with-CP group of size
+NN). All files go to the trainer's scratch folder, which becomes part of the atomically renamed checkpoint.
+The trainer's HF export gathers the full weights (``full_weights``). Any TP/CP layout starts from an HF
+checkpoint: every rank loads it whole and keeps its slices. Resuming needs the same tensor_parallel, and for
+a sharded optimizer the same context_parallel x data-parallel size and trainable parameters.
 
 KL distillation (stage 1, short sequences) runs the frozen teacher unsplit on every rank of a CP group and
 compares it with the student's gathered logits; the long stages' cross-entropy never gathers the logits.
@@ -274,6 +285,29 @@ class Autocast(nn.Module):
             return self.inner(*args, **kwargs)
 
 
+def shards_optimizer(config: BackendConfig, layout: ParallelLayout) -> bool:
+    """ZeRO-1 or not: ``backend.shard_optimizer``; null means on wherever several ranks hold the same parameters."""
+    if config.shard_optimizer is None:
+        return layout.data_parallel * layout.context_parallel > 1
+    return config.shard_optimizer
+
+
+def build_optimizer(groups: list[dict], stage: StageConfig, shard_group=None) -> torch.optim.Optimizer:
+    """AdamW over ``groups`` (each with ``lr_scale`` and ``weight_decay``); with ``shard_group`` a
+    ZeroRedundancyOptimizer that gives each rank of that group the AdamW state of its share of the parameters.
+    Its ``param_groups`` are the whole groups, so ``set_learning_rate`` works as on a plain AdamW; it copies
+    their hyperparameters to the local AdamW at every step."""
+    opt = stage.optimizer
+    hyper = dict(lr=stage.schedule.lr, betas=tuple(opt.betas), eps=opt.eps)
+    if shard_group is None:
+        return torch.optim.AdamW(groups, **hyper)
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    # each rank's AdamW gets a subset of every group's parameters: the names would no longer line up with them
+    groups = [{key: value for key, value in group.items() if key != "param_names"} for group in groups]
+    return ZeroRedundancyOptimizer(groups, torch.optim.AdamW, process_group=shard_group, **hyper)
+
+
 class MegatronBackend:
     """TP x CP x DP around ``model`` for one stage; ``model`` (a ContextParallelModel when CP > 1) is what the
     loss calls, with the whole batch of this data-parallel rank."""
@@ -298,9 +332,9 @@ class MegatronBackend:
         # the groups were built on the full model: point them at the parameters that replaced those
         params = dict(model.named_parameters())
         groups = [{**group, "params": [params[name] for name in group["param_names"]]} for group in groups]
-        opt = stage.optimizer
-        self.optimizer = torch.optim.AdamW(groups, lr=stage.schedule.lr, betas=tuple(opt.betas), eps=opt.eps)
-        self.grad_clip = opt.grad_clip
+        self.sharded = shards_optimizer(config, self.layout)
+        self.optimizer = build_optimizer(groups, stage, self.layout.data_context_group if self.sharded else None)
+        self.grad_clip = stage.optimizer.grad_clip
 
     @property
     def data_parallel_rank(self) -> int:
@@ -410,34 +444,75 @@ class MegatronBackend:
             full.lm_head.weight = full.model.embed_tokens.weight
         return full
 
+    @property
+    def local_optimizer(self) -> torch.optim.Optimizer:
+        """The AdamW whose state this rank keeps: its shard's (sharded), or the whole one."""
+        return self.optimizer.optim if self.sharded else self.optimizer
+
+    def owned_parameters(self) -> list[str]:
+        """Names of the parameters whose AdamW state this rank keeps, in the local optimizer's order."""
+        names = {id(p): name for name, p in self._module.named_parameters()}
+        return [names[id(p)] for group in self.local_optimizer.param_groups for p in group["params"]]
+
     def _shard_file(self, directory: Path) -> Path:
         layout = self.layout
         return (Path(directory) / CHECKPOINT_FOLDER
                 / f"tp-{layout.tensor_rank:02d}-of-{layout.tensor_parallel:02d}.pt")
 
+    def _optimizer_file(self, directory: Path) -> Path:
+        zero = self.optimizer  # its rank and size: this rank's place in the data-parallel-with-CP group
+        shard = self._shard_file(directory)
+        return shard.with_name(f"{shard.stem}-optimizer-{zero.rank:02d}-of-{zero.world_size:02d}.pt")
+
     def save(self, directory: Path) -> None:
-        """The first CP and DP rank of each TP rank writes that rank's parameter shards and optimizer state."""
+        """The first CP and DP rank of each TP rank writes that rank's parameter shards, with the optimizer
+        state if it is replicated; sharded, every rank writes its own AdamW state."""
+        (Path(directory) / CHECKPOINT_FOLDER).mkdir(exist_ok=True)
         if self.layout.context_rank == 0 and self.layout.data_rank == 0:
-            path = self._shard_file(directory)
-            path.parent.mkdir(exist_ok=True)
             model = {name: p.detach().cpu() for name, p in self._module.named_parameters()}
             torch.save({"tensor_parallel": self.layout.tensor_parallel, "model": model,
-                        "optimizer": self.optimizer.state_dict()}, path)
+                        "optimizer": None if self.sharded else self.optimizer.state_dict()},
+                       self._shard_file(directory))
+        if self.sharded:
+            torch.save({"parameters": self.owned_parameters(), "optimizer": self.local_optimizer.state_dict()},
+                       self._optimizer_file(directory))
 
     def load(self, directory: Path) -> None:
         path = self._shard_file(directory)
+        found = sorted(p.name for p in (Path(directory) / CHECKPOINT_FOLDER).glob("*.pt"))
         if not path.exists():
-            found = sorted(p.name for p in (Path(directory) / CHECKPOINT_FOLDER).glob("*.pt"))
             raise FileNotFoundError(
                 f"{path}: no megatron shard for tensor-parallel rank {self.layout.tensor_rank} of "
                 f"{self.layout.tensor_parallel} (found: {found or 'none'}). Resume with the backend and "
                 "backend.tensor_parallel that wrote it, or start the stage afresh from its HF weights (resume=false)")
-        saved = torch.load(path, weights_only=False, map_location=self._device())
+        # on the CPU (memory-mapped): the ranks of a TP shard read the same file, and the device keeps room
+        saved = torch.load(path, weights_only=False, map_location="cpu", mmap=True)
         params = dict(self._module.named_parameters())
         with torch.no_grad():
             for name, tensor in saved["model"].items():
                 params[name].copy_(tensor)
-        self.optimizer.load_state_dict(saved["optimizer"])
+        if not self.sharded:
+            if saved["optimizer"] is None:
+                raise FileNotFoundError(
+                    f"{path} was written with a sharded optimizer (backend.shard_optimizer; found: {found}); "
+                    "resume with the same backend.shard_optimizer and layout, or start the stage afresh (resume=false)")
+            self.optimizer.load_state_dict(saved["optimizer"])
+            return
+        shard = self._optimizer_file(directory)
+        if not shard.exists():
+            raise FileNotFoundError(
+                f"{shard}: no optimizer shard for rank {self.optimizer.rank} of the {self.optimizer.world_size} "
+                f"ranks that share the parameters of tensor-parallel rank {self.layout.tensor_rank} (found: {found}). "
+                "Resume with the backend.shard_optimizer, tensor_parallel, context_parallel and number of GPUs that "
+                "wrote it, or start the stage afresh (resume=false)")
+        saved = torch.load(shard, weights_only=False, map_location="cpu")
+        owned = self.owned_parameters()
+        if saved["parameters"] != owned:
+            raise RuntimeError(
+                f"{shard} holds the AdamW state of {len(saved['parameters'])} parameters "
+                f"({saved['parameters'][:3]}...), but this rank now owns {len(owned)} ({owned[:3]}...): the "
+                "trainable parameters or the layout changed since the checkpoint was written")
+        self.local_optimizer.load_state_dict(saved["optimizer"])  # moves the state to the parameters' device
 
     def close(self) -> None:
         self._module = self._export = self.model = self.optimizer = None

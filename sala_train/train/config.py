@@ -85,6 +85,9 @@ class BackendConfig:
     activation_checkpointing: bool = False
     tensor_parallel: int = 1  # megatron: ranks that split heads and MLP columns
     context_parallel: int = 1  # megatron: ranks that split every sequence (zigzag); seq_len % (2 x this) == 0
+    # megatron: AdamW state split over the ranks that hold the same parameters (data x context parallel, one
+    # TP rank; ZeRO-1). null: on wherever more than one rank holds them. deepspeed shards with zero_stage.
+    shard_optimizer: Optional[bool] = None
 
 
 @dataclass
@@ -120,6 +123,10 @@ class TrainConfig:
             raise RecipeError(f"backend.name = {self.backend.name!r}; expected one of {list(BACKENDS)}")
         if self.logging.wandb not in WANDB_MODES:
             raise RecipeError(f"logging.wandb = {self.logging.wandb!r}; expected one of {list(WANDB_MODES)}")
+        if self.backend.shard_optimizer and self.backend.name != "megatron":
+            raise RecipeError(f"backend.shard_optimizer = true is the megatron backend's ZeRO-1, not "
+                              f"backend.name={self.backend.name}: deepspeed shards the optimizer with "
+                              "backend.zero_stage, the torch backend keeps AdamW whole on every rank")
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
             raise RecipeError(f"stage names must be unique, got {names}")

@@ -225,10 +225,25 @@ def chunked_cross_entropy(hidden: torch.Tensor, lm_head_weight: torch.Tensor, la
     _check_head(hidden, lm_head_weight, "chunked_cross_entropy:")
     if labels.shape != hidden.shape[:2]:
         raise ValueError(f"labels {list(labels.shape)} must be [batch, tokens] = {list(hidden.shape[:2])}")
-    targets = next_token_targets(labels, cu_seqlens=cu_seqlens, position_ids=position_ids).reshape(-1)
-    total = _ChunkedHeadLoss.apply(hidden.reshape(-1, hidden.shape[-1]), lm_head_weight, width_multiplier, chunk,
-                                   _cross_entropy_sum, targets)
+    targets = next_token_targets(labels, cu_seqlens=cu_seqlens, position_ids=position_ids)
+    total = chunked_cross_entropy_sum(hidden, lm_head_weight, targets, chunk=chunk, width_multiplier=width_multiplier)
     return _reduce(total, (targets != IGNORE_INDEX).sum(), reduction)
+
+
+def chunked_cross_entropy_sum(hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch.Tensor, *,
+                              chunk: int = DEFAULT_CHUNK, width_multiplier: float = 1.0) -> torch.Tensor:
+    """The summed cross-entropy of the head's logits against targets that are already shifted
+    (``next_token_targets``: IGNORE_INDEX where nothing is predicted), without the full logits. For callers
+    that cut a sequence after shifting (context parallelism: a rank's last target is the next rank's token).
+
+    hidden [B, T, H] (before the muP division), lm_head_weight [V, H], targets [B, T] -> fp32 scalar.
+    """
+    _check_chunk(chunk)
+    _check_head(hidden, lm_head_weight, "chunked_cross_entropy_sum:")
+    if targets.shape != hidden.shape[:2]:
+        raise ValueError(f"targets {list(targets.shape)} must be [batch, tokens] = {list(hidden.shape[:2])}")
+    return _ChunkedHeadLoss.apply(hidden.reshape(-1, hidden.shape[-1]), lm_head_weight, width_multiplier, chunk,
+                                  _cross_entropy_sum, targets.reshape(-1))
 
 
 def chunked_causal_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,

@@ -201,6 +201,13 @@ class Trainer:
             self.teacher.requires_grad_(False)
         return self.teacher
 
+    def _peak_memory_gib(self) -> float:
+        """The largest peak of allocated GPU memory over the ranks since the start (GiB; a collective)."""
+        peak = torch.tensor([torch.cuda.max_memory_allocated(self.device) / 2**30], device=self.device)
+        if dist.is_initialized():
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        return float(peak)
+
     def _log(self, record: dict) -> None:
         if self.rank != 0:
             return
@@ -362,6 +369,8 @@ class Trainer:
             record["model_tflops"] = record["tokens_per_s"] * flops_per_token / 1e12
             if peak:
                 record["mfu"] = record["tokens_per_s"] * flops_per_token / peak
+            if self.device.type == "cuda":
+                record["peak_memory_gib"] = self._peak_memory_gib()
             if step % max(stage.log_every, 1) == 0 or step == steps:
                 self._log(record)
             if progress is not None:

@@ -118,6 +118,18 @@ def test_kl_without_teacher_is_refused(checkpoints, tmp_path):
         Trainer(make_config(checkpoints, tmp_path / "x", teacher=None))
 
 
+@pytest.mark.parametrize("backend", ["torch", "deepspeed"])
+def test_shard_optimizer_is_refused_outside_the_megatron_backend(backend):
+    from sala_train.train.config import StageConfig
+
+    cfg = TrainConfig(student="s", run_dir="r", stages=[StageConfig(seq_len=8, tokens=8)])
+    cfg.backend.name, cfg.backend.shard_optimizer = backend, True
+    with pytest.raises(RecipeError, match="shard_optimizer = true is the megatron backend's ZeRO-1"):
+        cfg.validate()
+    cfg.backend.shard_optimizer = None  # the default: on for megatron where it helps, nothing elsewhere
+    cfg.validate()
+
+
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (RECIPES / "experiment").glob("*.yaml")))
 def test_every_experiment_recipe_composes_and_validates(experiment):
     register_configs()
@@ -126,6 +138,29 @@ def test_every_experiment_recipe_composes_and_validates(experiment):
     train_cfg = OmegaConf.to_object(cfg)
     assert isinstance(train_cfg, TrainConfig) and train_cfg.stages
     train_cfg.validate(data_parallel_size=1)
+
+
+@pytest.mark.parametrize("experiment, gpus", [
+    ("minicpm_sala_8b_128k_tp2cp2", 4), ("minicpm_sala_8b_128k_tp2cp2", 8),
+    ("minicpm_sala_8b_32k_zero3", 4), ("minicpm_sala_8b_32k_zero3", 8),
+])
+def test_issue_11_recipes_run_50_steps_with_a_checkpoint_at_25_on_4_and_8_gpus(experiment, gpus):
+    from sala_train.train.trainer import data_parallel_size
+
+    register_configs()
+    with initialize_config_module(config_module="sala_train.recipes", version_base="1.3"):
+        cfg = OmegaConf.to_object(compose("train", overrides=[f"+experiment={experiment}", "student=s", "run_dir=r"]))
+    data_world = data_parallel_size(cfg.backend, gpus)
+    cfg.validate(data_world)
+    (stage,) = cfg.stages
+    assert stage.plan(data_world)[1] == 50 and stage.save_every == 25
+    assert cfg.teacher is None and cfg.backend.bf16 and cfg.backend.activation_checkpointing
+    assert Path(stage.data.sources[0].path).is_file()  # the committed text: runs without a data set
+    if cfg.backend.name == "megatron":
+        assert (cfg.backend.tensor_parallel, cfg.backend.context_parallel, stage.seq_len) == (2, 2, 131072)
+        assert cfg.backend.shard_optimizer
+    else:
+        assert (cfg.backend.zero_stage, stage.seq_len) == (3, 32768)
 
 
 def test_minicpm_sala_8b_recipe_is_the_paper_stage_table():
