@@ -9,6 +9,7 @@ stages, evaluated past its length.
     python benchmarks/quality/study.py train halo_forced           # one student through the stages (resumes)
     python benchmarks/quality/study.py evaluate teacher            # one model (or: evaluate all)
     python benchmarks/quality/study.py report                      # results/*.json -> docs/quality.md + plots
+    python benchmarks/quality/study.py report --from-json runs/quality/results/study.json   # from the JSON alone
     python benchmarks/quality/study.py all --scale tiny --data D --out O --doc O/quality.md   # the CPU test
 
 Every step reads and writes under --out (default runs/quality) and skips what is already there; training and
@@ -549,8 +550,17 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--force", action="store_true", help="evaluate: redo models that have results")
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--from-json", help="report: write the report from this study.json alone (no run needed)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
+    if args.from_json:
+        if args.step != "report":
+            parser.error("--from-json goes with the report step")
+        write_report(Path(args.from_json), Path(args.doc))
+        return
+    # TF32 matmuls on GPU (the trainer's torch backend trains in fp32): several times faster on an H100, and
+    # well inside the precision this study needs. No effect on CPU.
+    torch.set_float32_matmul_precision("high")
     study = Study(args)
     study.out.mkdir(parents=True, exist_ok=True)
     for target in ("train", "evaluate"):
