@@ -7,6 +7,9 @@ Built in (small scale, generated deterministically from a seed with the model's 
     kv_recall   multi-query key-value recall: lines "key: value", then several of the keys asked again
     lm_loss     general ability: next-token loss and accuracy on held-out text
 
+For evaluation by length and depth (the quality study, benchmarks/quality/): ``hidden_fact_examples`` puts a pass
+key, or the asked one of several needles, at a fixed depth of held-out text.
+
 A recall task scores its answers by teacher forcing, one forward per batch:
     logprob      mean log-probability of the answer tokens (continuous: informative even for a weak model)
     exact_match  every answer token is the argmax given the tokens before it (exactly what greedy decoding

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import shutil
 import statistics
 import sys
@@ -175,14 +176,9 @@ class Study:
             with open(self.text / f"{split}.jsonl", "w") as f:
                 for i, text in enumerate(texts):
                     f.write(json.dumps({"id": f"{split}-{i}", "text": text}) + "\n")
-            if split == "train":  # HALO's alignment and sweep text: paragraphs of the first documents
-                chosen, size = [], 0
-                for text in texts:
-                    if size >= self.scale.select_chars:
-                        break
-                    chosen.append(text)
-                    size += len(text)
-                (self.text / "select.txt").write_text("\n\n".join(chosen))
+            if split == "train":  # HALO's alignment and sweep text: every k-th document (both sources, all topics)
+                stride = max(1, math.ceil(sum(map(len, texts)) / self.scale.select_chars))
+                (self.text / "select.txt").write_text("\n\n".join(texts[::stride]))
         shutil.copytree(self.data / "tokenizer", self.text / "tokenizer", dirs_exist_ok=True)
         (self.text / "done").write_text("")
 
@@ -505,6 +501,7 @@ def make_plots(study: dict, folder: Path) -> list[tuple[str, Path]]:
                 ax.set_yticks(range(len(DEPTHS)), [str(d) for d in DEPTHS])
                 ax.set_title(f"{name}\n{task}", fontsize=8)
         fig.supylabel("depth of the answer")
+        fig.suptitle("accuracy by context length and depth (dark 0, yellow 1, blank: not measured)", fontsize=9)
         out.append(("accuracy by length and depth", _save(fig, folder / "quality_depth.png")))
     plan = (study.get("plans") or {}).get("halo_forced") or {}
     scores = plan.get("evidence", {}).get("scores")
