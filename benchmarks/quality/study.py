@@ -7,7 +7,7 @@ stages, evaluated past its length.
     python benchmarks/quality/study.py select                      # HALO, first/last forced and free; baselines
     python benchmarks/quality/study.py convert                     # the four students
     python benchmarks/quality/study.py train halo_forced           # one student through the stages (resumes)
-    python benchmarks/quality/study.py evaluate teacher            # one model (or: evaluate all)
+    python benchmarks/quality/study.py evaluate teacher evenly     # some models (or: evaluate all)
     python benchmarks/quality/study.py report                      # results/*.json -> docs/quality.md + plots
     python benchmarks/quality/study.py report --from-json runs/quality/results/study.json   # from the JSON alone
     python benchmarks/quality/study.py all --scale tiny --data D --out O --doc O/quality.md   # the CPU test
@@ -539,7 +539,8 @@ def _save(fig, path: Path) -> Path:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="The conversion quality study (docs/quality.md).")
     parser.add_argument("step", choices=("text", "teacher", "select", "convert", "train", "evaluate", "report", "all"))
-    parser.add_argument("target", nargs="?", default="all", help="train: a variant or all; evaluate: a model or all")
+    parser.add_argument("targets", nargs="*", default=["all"],
+                        help="train: variants (default all); evaluate: models (default all)")
     parser.add_argument("--scale", choices=sorted(SCALES), default="full")
     parser.add_argument("--data", default="benchmarks/quality/data", help="prepare_corpus.py's output")
     parser.add_argument("--out", default="runs/quality")
@@ -560,22 +561,23 @@ def main(argv=None) -> None:
     torch.set_float32_matmul_precision("high")
     study = Study(args)
     study.out.mkdir(parents=True, exist_ok=True)
-    for target in ("train", "evaluate"):
-        allowed = VARIANTS if target == "train" else MODELS
-        if args.step == target and args.target != "all" and args.target not in allowed:
-            parser.error(f"{target} {args.target!r}: expected all or one of {', '.join(allowed)}")
+    for step, allowed in (("train", VARIANTS), ("evaluate", MODELS)):
+        wrong = [t for t in args.targets if t != "all" and t not in allowed]
+        if args.step == step and wrong:
+            parser.error(f"{step} {' '.join(wrong)}: expected all or some of {', '.join(allowed)}")
+    whole = args.step == "all" or "all" in args.targets
     steps = ("text", "teacher", "select", "convert", "train", "evaluate", "report") if args.step == "all" else (args.step,)
     for step in steps:
         started = time.perf_counter()
         if step == "train":
-            for variant in (VARIANTS if args.target == "all" or args.step == "all" else (args.target,)):
+            for variant in VARIANTS if whole else args.targets:
                 study.step_train(variant)
         elif step == "evaluate":
-            for name in (MODELS if args.target == "all" or args.step == "all" else (args.target,)):
+            for name in MODELS if whole else args.targets:
                 study.step_evaluate(name, force=args.force)
         else:
             getattr(study, f"step_{step}")()
-        label = step if args.step == "all" or args.target == "all" else f"{step} {args.target}"
+        label = step if whole or step not in ("train", "evaluate") else f"{step} {' '.join(args.targets)}"
         study.record_time(label, time.perf_counter() - started)
 
 
