@@ -64,6 +64,7 @@ class Scale:
     select_chars: int = 8_000_000  # characters of training text the HALO alignment and sweep read
     heldout_tokens: int = 262_144  # held-out tokens of the loss-by-length evaluation (same tokens at every length)
     examples: int = 8  # retrieval examples per (task, length, depth)
+    depths: tuple = DEPTHS  # of the asked fact in the haystack (a subset of DEPTHS)
     timing_repeats: int = 3
 
 
@@ -94,6 +95,7 @@ SCALES = {
         sparse_config={"kernel_size": 8, "kernel_stride": 4, "block_size": 16, "init_blocks": 1,
                        "window_size": 32, "topk": 2, "dense_len": 128},
         select_chars=100_000,
+        depths=(0.0, 0.5, 1.0),
         heldout_tokens=2048,
         examples=1,
         timing_repeats=1,
@@ -147,6 +149,12 @@ class Study:
         (Path(cfg.run_dir) / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
         (Path(cfg.run_dir) / "git_revision.txt").write_text(git_revision() + "\n")
         trainer.run()
+        export = Path(cfg.run_dir) / "export" / cfg.stages[-1].name
+        if not (export / "config.json").exists():  # killed between the last checkpoint and the export: redo it
+            from sala_train.generate import load_model
+
+            latest = trainer.latest_checkpoint()
+            load_model(str(latest / "model"), dtype="float32").save_pretrained(export, tokenizer=trainer.tokenizer)
 
     def student_dir(self, variant: str) -> Path:
         return self.out / "train" / variant / "export" / "long"
@@ -250,7 +258,9 @@ class Study:
             return
         result = evaluate_model(name, self.model_dir(name), self)
         result_file.parent.mkdir(parents=True, exist_ok=True)
-        result_file.write_text(json.dumps(result, indent=1))
+        partial = result_file.with_suffix(".json.partial")  # a killed command leaves no half-written result
+        partial.write_text(json.dumps(result, indent=1))
+        partial.rename(result_file)
 
     def step_report(self) -> None:
         results = {}
@@ -334,8 +344,8 @@ def evaluate_model(name: str, path: Path, study: Study) -> dict:
         result["accuracy"][task], result["logprob"][task] = {}, {}
         for multiple in RETRIEVAL_MULTIPLES:
             accuracy, logprob = {}, {}
-            for d, depth in enumerate(DEPTHS):
-                seed = 100_000 * t + 100 * multiple + d  # the same examples for every model
+            for depth in study.scale.depths:
+                seed = 100_000 * t + 100 * multiple + DEPTHS.index(depth)  # the same examples for every model
                 try:
                     examples = hidden_fact_examples(tokenizer, texts, study.scale.examples, multiple * length, depth,
                                                     seed, task=task)

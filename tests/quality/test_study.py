@@ -4,6 +4,7 @@ every step of the driver end to end, the report written. The numbers of this run
 import html
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ QUALITY = Path(__file__).resolve().parents[2] / "benchmarks" / "quality"
 
 
 def run(script: str, *args, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONSAFEPATH": "1", "OMP_NUM_THREADS": "2", "WANDB_SILENT": "true"}
+    env = {**os.environ, "PYTHONSAFEPATH": "1", "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
     result = subprocess.run([sys.executable, str(QUALITY / script), *map(str, args)], cwd=cwd, env=env,
                             capture_output=True, text=True)
     assert result.returncode == 0, f"{script} {args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
@@ -103,6 +104,11 @@ def test_tiny_study_end_to_end(tmp_path):
     # every step skips or resumes what is done; the report regenerates from the JSON alone
     done = run("study.py", "train", "halo_free", *common, cwd=tmp_path)
     assert "sala_train.train" not in done.stdout
+    export = out / "train" / "evenly" / "export" / "long"
+    shutil.rmtree(export)  # as if killed between the last checkpoint and the export
+    run("study.py", "train", "evenly", *common, cwd=tmp_path)
+    assert json.loads((export / "config.json").read_text())["model_type"] == "minicpm_sala"
+    assert (export / "tokenizer.json").exists()
     study = json.loads((out / "results" / "study.json").read_text())
     study["models"]["teacher"]["loss"]["1"] = 1.2345
     (out / "results" / "study.json").write_text(json.dumps(study))
