@@ -20,8 +20,9 @@ Output (``--out``):
   train.idx, heldout.idx     int64 [documents + 1] offsets of the documents into the .bin
   meta.json                  sources (package, version, license file), sizes, token counts, sha256 of the arrays
 
-Text is not stored: byte-level BPE decodes exactly, and `study.py text` writes the jsonl files the trainer reads
-back from the arrays (so only about 2 bytes per token travel to a GPU machine).
+The trainer reads the arrays directly (a data source of ``type: tokens``, no Hugging Face datasets); text is not
+stored: byte-level BPE decodes exactly, and `study.py text` decodes what needs text (HALO's alignment text, the
+evaluation's haystacks). So about 2 bytes per token travel to a GPU machine.
 """
 
 from __future__ import annotations

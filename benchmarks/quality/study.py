@@ -2,7 +2,7 @@
 stages, evaluated past its length.
 
     python benchmarks/quality/prepare_corpus.py                    # once, on a machine with the Debian docs
-    python benchmarks/quality/study.py text                        # token arrays -> jsonl the trainer reads
+    python benchmarks/quality/study.py text                        # token arrays -> HALO and evaluation text
     python benchmarks/quality/study.py teacher                     # pretrain the dense teacher (resumes)
     python benchmarks/quality/study.py select                      # HALO, first/last forced and free; baselines
     python benchmarks/quality/study.py convert                     # the four students
@@ -133,8 +133,8 @@ class Study:
         file.write_text(json.dumps(timings, indent=1))
 
     def data_overrides(self, num_stages: int) -> list[str]:
-        return [o for i in range(num_stages) for o in (f"stages.{i}.data.sources.0.path={self.text / 'train.jsonl'}",
-                                                       f"stages.{i}.data.cache_dir={self.out / 'data_cache'}")]
+        """The training data of every stage: the train split's token arrays (recipes: type tokens)."""
+        return [f"stages.{i}.data.sources.0.path={self.data / 'train.bin'}" for i in range(num_stages)]
 
     def train(self, overrides: list[str]) -> None:
         """The trainer of `python -m sala_train.train`, with the same resolved config written to the run."""
@@ -164,8 +164,9 @@ class Study:
 
     # -- steps --------------------------------------------------------------------------------------
     def step_text(self) -> None:
-        """train.jsonl / heldout.jsonl (one {"id", "text"} per document) and select.txt, decoded from the arrays
-        that prepare_corpus.py wrote (byte-level BPE decodes exactly)."""
+        """heldout.jsonl (one {"id", "text"} per document: the evaluation's haystacks) and select.txt (HALO's text),
+        decoded from the arrays that prepare_corpus.py wrote (byte-level BPE decodes exactly). Training reads the
+        arrays themselves."""
         from sala_train.tokenizer import load_tokenizer
 
         if (self.text / "done").exists():
@@ -181,9 +182,10 @@ class Study:
             offsets = np.fromfile(self.data / f"{split}.idx", dtype=np.int64)
             docs = [tokens[a + 1 : b - 1].tolist() for a, b in zip(offsets[:-1], offsets[1:])]  # <s> ids </s>
             texts = tokenizer.batch_decode(docs)
-            with open(self.text / f"{split}.jsonl", "w") as f:
-                for i, text in enumerate(texts):
-                    f.write(json.dumps({"id": f"{split}-{i}", "text": text}) + "\n")
+            if split == "heldout":
+                with open(self.text / "heldout.jsonl", "w") as f:
+                    for i, text in enumerate(texts):
+                        f.write(json.dumps({"id": f"{split}-{i}", "text": text}) + "\n")
             if split == "train":  # HALO's alignment and sweep text: every k-th document (both sources, all topics)
                 stride = max(1, math.ceil(sum(map(len, texts)) / self.scale.select_chars))
                 (self.text / "select.txt").write_text("\n\n".join(texts[::stride]))
