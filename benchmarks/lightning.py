@@ -207,6 +207,16 @@ def run_sweep(H=32, D=128):
             sweep[key] = str(err)[:100]
         print("sweep", key, sweep[key], flush=True)
     chunk_module.KERNEL_OVERRIDES.clear()
+    from sala_train.kernels.lightning import recurrent
+
+    for override in ({}, {"BV": 64}, {"BV": 64, "warps": 8}, {"BV": 128, "warps": 8}, {"BV": 16, "warps": 2}):
+        recurrent.DECODE_OVERRIDES.clear()
+        recurrent.DECODE_OVERRIDES.update(override)
+        for N in (1, 16, 128):
+            key = f"decode N={N} {json.dumps(override)}"
+            sweep[key] = time_decode(None, N)["ours_decode"]
+            print("sweep", key, sweep[key], flush=True)
+    recurrent.DECODE_OVERRIDES.clear()
     return sweep
 
 

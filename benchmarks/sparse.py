@@ -2,9 +2,17 @@
 
     python benchmarks/sparse.py            # the official table's shapes: 32K x 8, 64K x 4, 128K x 2, then 256K, 1M
     python benchmarks/sparse.py --quick    # 32K x 2 only
+    python benchmarks/sparse.py --sweep    # launch configurations (tile tokens, stages, warps) at 32K x 2
+    python benchmarks/sparse.py --inputs correlated   # queries that drift slowly along the sequence
+
+Inputs: "random" (i.i.d. normal q, k: neighbouring tokens share few top-k blocks, the worst case for
+query tiles) or "correlated" (each head's query is a slow random walk along the sequence, as in trained
+models where neighbouring tokens attend alike); "union" = blocks a query tile loads per token slot,
+against the 97 a single token selects.
 
 32 query / 2 KV heads, D = 128, bf16, block 64, windows 32/16, init 1 + local 32 + top-64.
-ms are medians of do_bench; x = SDPA / ours; peak memory of ours' forward+backward.
+ms are medians of do_bench; x = SDPA / ours; peak memory of ours' forward+backward. Where fla is installed,
+its NSA selected-block attention (`parallel_nsa` with our block indices) is timed against our attention alone.
 """
 
 from __future__ import annotations
@@ -16,32 +24,89 @@ import torch
 import triton
 import triton.testing
 
+from sala_train.kernels.sparse import attention as attention_module
 from sala_train.kernels.sparse import select_blocks, sparse_attention
 
 SELECT = dict(block_size=64, kernel_size=32, kernel_stride=16, init_blocks=1, local_blocks=32, topk=64)
+
+
+def try_fla_nsa():
+    try:
+        from fla.ops.nsa import parallel_nsa
+
+        return parallel_nsa
+    except Exception:  # noqa: BLE001 - fla is optional
+        return None
 
 
 def bench(fn, rep=200):
     return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median")
 
 
-def run(T, B, Hq=32, Hk=2, D=128, backward=True, sdpa=True):
+def make_inputs(T, B, Hq, Hk, D, kind):
     torch.manual_seed(0)
-    q = torch.randn(B, T, Hq, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    if kind == "random":
+        q = torch.randn(B, T, Hq, D, device="cuda")
+    else:  # q_t = a q_(t-1) + sqrt(1 - a^2) noise, a = 0.995 (correlation length ~200 tokens)
+        a = 0.995
+        noise = torch.randn(B, T, Hq, D, device="cuda") * (1 - a * a) ** 0.5
+        powers = a ** torch.arange(T, device="cuda", dtype=torch.float64)
+        # the recurrence as a scaled cumulative sum, in float64 and in pieces so a^-t stays finite
+        q = torch.empty_like(noise)
+        state = torch.randn(B, Hq, D, device="cuda")
+        piece = 2048
+        for s0 in range(0, T, piece):
+            p = powers[: min(piece, T - s0)]
+            seg = noise[:, s0 : s0 + len(p)].double() / p[None, :, None, None]
+            q[:, s0 : s0 + len(p)] = (p[None, :, None, None] * (seg.cumsum(1) + a * state.double()[:, None])).float()
+            state = q[:, s0 + len(p) - 1]
+    q = q.to(torch.bfloat16).requires_grad_()
     k, v = (torch.randn(B, T, Hk, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    return q, k, v
+
+
+def mean_union(idx, BQ: int) -> float:
+    """Blocks per token slot that a tile of BQ tokens loads (the union of their selections)."""
+    B, Hk, T, S = idx.shape
+    flat = idx.permute(1, 0, 2, 3).reshape(Hk, B * T, S).to(torch.int32).contiguous()
+    layout = attention_module.SparseLayout(flat, [b * T for b in range(B + 1)], 64, BQ)
+    return layout.union_len.float().mean().item()
+
+
+def run(T, B, Hq=32, Hk=2, D=128, backward=True, sdpa=True, inputs="random"):
+    q, k, v = make_inputs(T, B, Hq, Hk, D, inputs)
     r = {}
     with torch.no_grad():
         r["select_ms"] = bench(lambda: select_blocks(q, k, **SELECT))
         idx = select_blocks(q, k, **SELECT)
         r["attn_fwd_ms"] = bench(lambda: sparse_attention(q, k, v, idx, block_size=64))
+        BQ = attention_module._config(Hq // Hk, D)["BQ"]
+        r["union_per_tile"] = mean_union(idx, BQ)
+        r["selected_per_token"] = (idx >= 0).sum(-1).float().mean().item()
     r["total_fwd_ms"] = r["select_ms"] + r["attn_fwd_ms"]
+    do = torch.randn_like(q)
     if backward:
-        do = torch.randn_like(q)
         torch.cuda.reset_peak_memory_stats()
         step = lambda: torch.autograd.grad(sparse_attention(q, k, v, select_blocks(q, k, **SELECT), block_size=64),  # noqa: E731
                                            (q, k, v), do)
         r["total_fwdbwd_ms"] = bench(step)
         r["peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
+        r["attn_fwdbwd_ms"] = bench(lambda: torch.autograd.grad(sparse_attention(q, k, v, idx, block_size=64),
+                                                                (q, k, v), do))
+    nsa = try_fla_nsa()
+    if nsa is not None:  # fla's NSA selected-block attention on the same block indices (attention only)
+        fla_idx = idx.permute(0, 2, 1, 3).contiguous().long()  # [B, T, H_kv, S]
+        slots = fla_idx.shape[-1]
+
+        def fla_attn():
+            return nsa(q, k, v, block_indices=fla_idx, block_counts=slots, block_size=64)
+        try:
+            with torch.no_grad():
+                r["fla_nsa_fwd_ms"] = bench(fla_attn, 100)
+            if backward:
+                r["fla_nsa_fwdbwd_ms"] = bench(lambda: torch.autograd.grad(fla_attn(), (q, k, v), do), 100)
+        except Exception as err:  # noqa: BLE001 - report and go on
+            r["fla_nsa_error"] = f"{type(err).__name__}: {str(err)[:100]}"
     if sdpa:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -65,30 +130,56 @@ def run(T, B, Hq=32, Hk=2, D=128, backward=True, sdpa=True):
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--inputs", choices=["random", "correlated"], default="random")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
+          f"inputs {args.inputs}")
+    if args.sweep:
+        for override in ({}, {"BQ": 2}, {"BQ": 1}, {"stages": 2}, {"stages": 4}, {"warps": 4}, {"BQ": 2, "warps": 4}):
+            attention_module.KERNEL_OVERRIDES.clear()
+            attention_module.KERNEL_OVERRIDES.update(override)
+            for inputs in ("random", "correlated"):
+                try:
+                    r = run(32768, 2, sdpa=False, inputs=inputs)
+                    print("sweep", override, inputs, {k: round(v, 2) for k, v in r.items()}, flush=True)
+                except Exception as err:  # noqa: BLE001
+                    print("sweep", override, inputs, f"{type(err).__name__}: {str(err)[:100]}", flush=True)
+        attention_module.KERNEL_OVERRIDES.clear()
+        return
     shapes = [(32768, 2)] if args.quick else [(32768, 8), (65536, 4), (131072, 2)]
     rows = []
     for T, B in shapes:
-        r = run(T, B)
+        r = run(T, B, inputs=args.inputs)
         rows.append((T, B, r))
         print(T, B, {k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}, flush=True)
     if not args.quick:
         for T in (262144, 1 << 20):
             try:
-                r = run(T, 1, backward=T <= 262144, sdpa=False)
+                r = run(T, 1, backward=T <= 262144, sdpa=False, inputs=args.inputs)
             except torch.OutOfMemoryError as err:
                 r = {"error": f"out of memory: {str(err)[:80]}"}
             rows.append((T, 1, r))
             print(T, 1, r, flush=True)
-    print("\n| T x B | select | attn fwd | total fwd | total f+b | flash f+b | x flash | cudnn f+b | x cudnn | peak GiB |")
+    print("\n| T x B | select | attn fwd | total fwd | total f+b | flash f+b | x flash | cudnn f+b | x cudnn | peak GiB "
+          "| select % of fwd | union / tile |")
     for T, B, r in rows:
         fb = r.get("total_fwdbwd_ms")
         cells = [r.get("select_ms"), r.get("attn_fwd_ms"), r.get("total_fwd_ms"), fb, r.get("flash_fwdbwd_ms"),
                  (r["flash_fwdbwd_ms"] / fb) if fb and "flash_fwdbwd_ms" in r else None, r.get("cudnn_fwdbwd_ms"),
-                 (r["cudnn_fwdbwd_ms"] / fb) if fb and "cudnn_fwdbwd_ms" in r else None, r.get("peak_GiB")]
+                 (r["cudnn_fwdbwd_ms"] / fb) if fb and "cudnn_fwdbwd_ms" in r else None, r.get("peak_GiB"),
+                 100 * r["select_ms"] / r["total_fwd_ms"] if "select_ms" in r else None, r.get("union_per_tile")]
         print(f"| {T} x {B} | " + " | ".join(f"{c:.2f}" if isinstance(c, float) else "-" for c in cells) + " |")
+    print("\n| T x B | ours attn fwd | fla NSA fwd | x | ours attn f+b | fla NSA f+b | x |  (attention only, same blocks)")
+    for T, B, r in rows:
+        def ratio(a, b):
+            return f"{r[a] / r[b]:.2f}" if a in r and b in r else "-"
+
+        cells = [r.get("attn_fwd_ms"), r.get("fla_nsa_fwd_ms"), ratio("fla_nsa_fwd_ms", "attn_fwd_ms"),
+                 r.get("attn_fwdbwd_ms"), r.get("fla_nsa_fwdbwd_ms"), ratio("fla_nsa_fwdbwd_ms", "attn_fwdbwd_ms")]
+        print(f"| {T} x {B} | " + " | ".join(f"{c:.2f}" if isinstance(c, float) else (c or "-") for c in cells)
+              + f" | {r.get('fla_nsa_error', '')}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1, default=str)

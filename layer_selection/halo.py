@@ -91,6 +91,10 @@ class HaloConfig:
     tasks: TaskConfig = field(default_factory=TaskConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     import_modules: list[str] = field(default_factory=list)  # modules that register user tasks
+    # "i/n": score only layers i, i + n, ... and write sweep-shard-i-of-n.json (one task of a job array,
+    # launch/slurm/select_sweep.sbatch); a later run without it merges the n shard files into sweep.json
+    sweep_shard: Optional[str] = None
+    align_only: bool = False  # stop after the alignment (and students.safetensors): the first job of an array
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -130,20 +134,66 @@ def evaluate_tasks(model, tokenizer, tasks: list[Task]) -> dict[str, dict[str, f
         return {task.name: task(model, tokenizer) for task in tasks}
 
 
-def sweep(teacher, students, tokenizer, tasks: list[Task], *, progress: bool = True) -> dict:
+def sweep(teacher, students, tokenizer, tasks: list[Task], *, progress: bool = True,
+          layers: list[int] | None = None) -> dict:
     """Every task on the teacher and on each M(i). Under torch.distributed, rank r takes layers r, r + W, ...
-    and all ranks return the gathered result: {"teacher": metrics, "layers": [metrics of M(0), ...]}."""
+    and all ranks return the gathered result: {"teacher": metrics, "layers": [metrics of M(0), ...]}.
+    ``layers``: only these (a shard of a job array); the others' entries are None."""
     rank, world = rank_and_world()
     students.eval()
+    todo = list(range(len(students))) if layers is None else list(layers)
     mine = {}
-    for i in tqdm(range(rank, len(students), world), desc="sweep", unit="layer", disable=not progress or rank != 0):
+    for i in tqdm(todo[rank::world], desc="sweep", unit="layer", disable=not progress or rank != 0):
         with student_in_place(teacher, i, students[i]) as model:
             mine[i] = evaluate_tasks(model, tokenizer, tasks)
     if world > 1:
         gathered = [None] * world
         dist.all_gather_object(gathered, mine)
         mine = {i: m for part in gathered for i, m in part.items()}
-    return {"teacher": evaluate_tasks(teacher, tokenizer, tasks), "layers": [mine[i] for i in range(len(students))]}
+    return {"teacher": evaluate_tasks(teacher, tokenizer, tasks),
+            "layers": [mine.get(i) for i in range(len(students))]}
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """"i/n" -> (i, n) with 0 <= i < n; None -> None."""
+    if text is None:
+        return None
+    try:
+        i, n = (int(x) for x in str(text).split("/"))
+    except ValueError:
+        raise ValueError(f"sweep_shard = {text!r}: expected 'i/n' with integers, e.g. 0/4") from None
+    if not 0 <= i < n:
+        raise ValueError(f"sweep_shard = {text!r}: need 0 <= i < n")
+    return i, n
+
+
+def shard_file(output: Path, i: int, n: int) -> Path:
+    return output / f"sweep-shard-{i}-of-{n}.json"
+
+
+def merge_shards(output: Path, key: dict, num_layers: int) -> dict | None:
+    """The sweep from a complete set of shard files written with this ``key`` (None if there is none).
+    Files of another key (other tasks, students or teacher) or an incomplete set are not used."""
+    by_count: dict[int, dict[int, dict]] = {}
+    for path in sorted(output.glob("sweep-shard-*-of-*.json")):
+        data = _read_json(path)
+        if data is None or data.get("key") != key:
+            continue
+        by_count.setdefault(data["num_shards"], {})[data["shard"]] = data
+    for n, parts in by_count.items():
+        if len(parts) != n:
+            missing = sorted(set(range(n)) - set(parts))
+            log.info("sweep shards of %d: %s missing, not merged", n, missing)
+            continue
+        layers = [None] * num_layers
+        for data in parts.values():
+            for i, metrics in enumerate(data["layers"]):
+                if metrics is not None:
+                    layers[i] = metrics
+        if any(m is None for m in layers):
+            continue
+        return {"teacher": parts[0]["teacher"], "layers": layers}
+    return None
 
 
 def task_means(metrics: dict[str, dict[str, float]], names: list[str]) -> float:
@@ -301,13 +351,20 @@ def _distributed(device: torch.device):
 
 def run_halo(config: HaloConfig, *, progress: bool = True) -> LayerPlan | None:
     """The whole selection into ``config.output`` (see the module docstring). Returns the plan, or None when the
-    alignment stopped early at ``align.stop_at`` (rerun to continue)."""
+    alignment stopped early at ``align.stop_at`` (rerun to continue), with ``align_only``, or for a sweep shard.
+
+    Job arrays (launch/slurm/select_sweep.sbatch): one run with ``align_only=true``, then n runs with
+    ``sweep_shard=i/n`` (each scores layers i, i + n, ...), then one plain run that merges the shards."""
     from sala_train.models import MiniCPMForCausalLM
     from sala_train.tokenizer import DEFAULT_SAMPLE_TEXT, load_tokenizer
 
     for module in config.import_modules:
         importlib.import_module(module)
     output, teacher_dir = Path(config.output), Path(config.teacher)
+    shard = parse_shard(config.sweep_shard)  # a bad value fails before any model work
+    if shard is not None and not (output / "students.safetensors").is_file():
+        raise FileNotFoundError(f"sweep_shard={config.sweep_shard}: {output / 'students.safetensors'} is missing; "
+                                "run the alignment first (the same command with align_only=true, no sweep_shard)")
     device = _pick_device(config.device)
     with _distributed(device):
         rank, world = rank_and_world()
@@ -333,16 +390,36 @@ def run_halo(config: HaloConfig, *, progress: bool = True) -> LayerPlan | None:
             return None
         if rank == 0:
             save_students(students, output / "students.safetensors")
+        if config.align_only:
+            log.info("alignment finished (%d steps); students in %s", result.step, output / "students.safetensors")
+            if world > 1:
+                dist.barrier()
+            return None
 
         # The sweep is reused when its tasks and students are those of this run.
         sweep_key = {"tasks": asdict(config.tasks), "align": {k: getattr(config.align, k) for k in RESUME_KEYS},
                      "data": asdict(config.data), "teacher": str(teacher_dir.resolve()), "dtype": config.dtype,
                      "alignment_step": result.step}
+        sweep_key = json.loads(json.dumps(sweep_key))  # as it reads back from JSON
+        if shard is not None:  # one task of a job array: score its layers, leave the merge to a later run
+            i, n = shard
+            layers = list(range(i, len(students), n))
+            metrics = sweep(teacher, students, tokenizer, recall_tasks + general_tasks, progress=progress,
+                            layers=layers)
+            if rank == 0:
+                write_json_atomic(shard_file(output, i, n), {**metrics, "key": sweep_key, "shard": i, "num_shards": n})
+                log.info("sweep shard %d/%d scored layers %s; run without sweep_shard to merge and select", i, n,
+                         layers)
+            if world > 1:
+                dist.barrier()
+            return None
         cached = _read_json(output / "sweep.json")
-        if cached is not None and cached.get("key") == json.loads(json.dumps(sweep_key)):
+        if cached is not None and cached.get("key") == sweep_key:
             metrics = cached
         else:
-            metrics = sweep(teacher, students, tokenizer, recall_tasks + general_tasks, progress=progress)
+            metrics = merge_shards(output, sweep_key, len(students))
+            if metrics is None:
+                metrics = sweep(teacher, students, tokenizer, recall_tasks + general_tasks, progress=progress)
             metrics["key"] = sweep_key
             if rank == 0:
                 write_json_atomic(output / "sweep.json", metrics)

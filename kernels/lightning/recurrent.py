@@ -27,11 +27,16 @@ def _decode_kernel(q, k, v, o, state, g, scale,
     tl.store(o + token * V + rv, out.to(o.dtype.element_ty))
 
 
+# Benchmarks sweep the decode launch configuration through this dict ("BV", "warps"); empty = defaults.
+DECODE_OVERRIDES: dict = {}
+
+
 def decode_lightning_attention(q, k, v, decay, state, scale) -> torch.Tensor:
     """q, k, v [N, H, D] contiguous; state [N, H, D, D] fp32 contiguous (updated in place) -> o [N, H, D]."""
     N, H, D = q.shape
     o = torch.empty_like(v)
-    BV = min(D, 32)
+    cfg = {"BV": min(D, 32), "warps": 4, **DECODE_OVERRIDES}
+    BV = min(D, cfg["BV"])
     _decode_kernel[(N, H, triton.cdiv(D, BV))](q, k, v, o, state, decay.float().contiguous(), scale,
-                                                H=H, K=D, V=D, BV=BV, num_warps=4)
+                                                H=H, K=D, V=D, BV=BV, num_warps=cfg["warps"])
     return o

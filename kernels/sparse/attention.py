@@ -15,9 +15,12 @@ backward  dq: one program per (query tile, KV head), the forward loop with the s
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
+
+from .tiles import covered_tokens, tiles
 
 
 @triton.jit
@@ -163,33 +166,24 @@ class SparseLayout:
         last rows."""
         device = idx.device
         Hk, TT, S = idx.shape
-        tile_start, tile_len, tile_seq_start, block_start, block_len, block_offset = [], [], [], [], [], []
-        for s, e in zip(seq_bounds[:-1], seq_bounds[1:]):
-            block_offset.append(len(block_start))
-            for t in range(s, e, BQ):
-                if t + BQ <= s + q_start:
-                    continue
-                tile_start.append(t)
-                tile_len.append(min(BQ, e - t))
-                tile_seq_start.append(s)
-            for b0 in range(s, e, block_size):
-                block_start.append(b0)
-                block_len.append(min(block_size, e - b0))
-        as_i32 = lambda x: torch.tensor(x or [0], dtype=torch.int32, device=device)  # noqa: E731
-        self.num_tiles, self.num_blocks = len(tile_start), len(block_start)
-        self.tile_start, self.tile_len, self.tile_seq_start = as_i32(tile_start), as_i32(tile_len), as_i32(tile_seq_start)
-        self.blk_key_start, self.blk_key_len = as_i32(block_start), as_i32(block_len)
+        t_start, t_len, t_seq = tiles(seq_bounds, BQ, q_start)
+        b_start, b_len, b_seq = tiles(seq_bounds, block_size)
+        bounds = np.asarray(seq_bounds, dtype=np.int64)
+        as_i32 = lambda x: torch.from_numpy(x if len(x) else np.zeros(1, np.int64)).to(device, torch.int32)  # noqa: E731
+        self.num_tiles, self.num_blocks = len(t_start), len(b_start)
+        self.tile_start, self.tile_len, self.tile_seq_start = as_i32(t_start), as_i32(t_len), as_i32(bounds[t_seq])
+        self.blk_key_start, self.blk_key_len = as_i32(b_start), as_i32(b_len)
         # per tile: [Hk, NT, BQ * S] block ids (-1 empty) and the token slot each came from
         NT = self.num_tiles
-        tile_of_token = torch.repeat_interleave(torch.arange(NT, device=device),
-                                                torch.tensor(tile_len, device=device)) if NT else None
-        # the tokens the tiles cover, in tile order (all tokens unless q_start leaves some out)
-        tokens = (torch.arange(TT, device=device) if not q_start else torch.cat(
-            [torch.arange(t, t + n, device=device) for t, n in zip(tile_start, tile_len)])) if NT else None
-        slot_of_token = tokens - torch.tensor(tile_start, device=device)[tile_of_token] if NT else None
-        seq_lengths = [e - s for s, e in zip(seq_bounds[:-1], seq_bounds[1:])]
-        self.tok_block_offset = torch.repeat_interleave(torch.tensor(block_offset, dtype=torch.int64, device=device),
-                                                        torch.tensor(seq_lengths, device=device)) if NT else None
+        tokens_np = covered_tokens(t_start, t_len)  # all tokens unless q_start leaves some out
+        tile_of_token = torch.from_numpy(np.repeat(np.arange(NT), t_len)).to(device) if NT else None
+        tokens = torch.from_numpy(tokens_np).to(device) if NT else None
+        slot_of_token = torch.from_numpy(tokens_np - np.repeat(t_start, t_len)).to(device) if NT else None
+        # each token's sequence's first global key block
+        block_offset = np.searchsorted(b_seq, np.arange(len(bounds) - 1)) if len(b_seq) else np.zeros(len(bounds) - 1,
+                                                                                                       np.int64)
+        self.tok_block_offset = torch.from_numpy(np.repeat(block_offset, bounds[1:] - bounds[:-1])).to(device) \
+            if NT else None
         grid = torch.full((Hk, NT, BQ, S), -1, dtype=torch.int64, device=device)
         if NT:
             grid[:, tile_of_token, slot_of_token] = idx[:, tokens].long()
@@ -232,11 +226,19 @@ class SparseLayout:
         return offsets, tile_ids[valid][order].to(torch.int32).contiguous(), self.member[valid][order].contiguous()
 
 
+# Benchmarks sweep the launch configuration through this dict (keys of _config); empty = defaults.
+KERNEL_OVERRIDES: dict = {}
+
+
 def _config(G: int, D: int) -> dict:
     BG = triton.next_power_of_2(G)
     # 64 rows per tile (tl.dot needs >= 16), at most 32 tokens (one bit each in an int32 mask)
-    BQ = min(32, max(1, 64 // BG))
-    return {"BG": BG, "BQ": BQ, "warps": 4 if D <= 64 else 8}
+    config = {"BG": BG, "BQ": min(32, max(1, 64 // BG)), "warps": 4 if D <= 64 else 8, "stages": 3}
+    config.update(KERNEL_OVERRIDES)
+    if config["BQ"] * BG < 16 or config["BQ"] > 32:
+        raise ValueError(f"sparse attention tile of {config['BQ']} tokens x {BG} heads: need >= 16 rows, <= 32 "
+                         "tokens")
+    return config
 
 
 class SparseAttentionFunction(torch.autograd.Function):
@@ -255,7 +257,7 @@ class SparseAttentionFunction(torch.autograd.Function):
             _sparse_fwd_kernel[(layout.num_tiles, Hk)](
                 q, k, v, o, lse, layout.union, layout.union_len, layout.member, layout.tile_start, layout.tile_len,
                 layout.tile_seq_start, scale, layout.num_tiles, layout.U, HQ=Hq, HK=Hk, G=G, BG=cfg["BG"], D=D,
-                BS=block_size, BQ=cfg["BQ"], num_warps=cfg["warps"])
+                BS=block_size, BQ=cfg["BQ"], num_warps=cfg["warps"], num_stages=cfg["stages"])
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.layout, ctx.block_size, ctx.scale, ctx.cfg, ctx.q_start = layout, block_size, scale, cfg, q_start
         return o
@@ -272,7 +274,8 @@ class SparseAttentionFunction(torch.autograd.Function):
         dq = torch.zeros_like(q) if ctx.q_start else torch.empty_like(q)
         dk, dv = torch.empty_like(k), torch.empty_like(v)
         if layout.num_tiles:
-            common = dict(HQ=Hq, HK=Hk, G=G, BG=cfg["BG"], D=D, BS=block_size, BQ=cfg["BQ"], num_warps=cfg["warps"])
+            common = dict(HQ=Hq, HK=Hk, G=G, BG=cfg["BG"], D=D, BS=block_size, BQ=cfg["BQ"], num_warps=cfg["warps"],
+                          num_stages=cfg["stages"])
             _sparse_dq_kernel[(layout.num_tiles, Hk)](
                 q, k, v, do, lse, delta, dq, layout.union, layout.union_len, layout.member, layout.tile_start,
                 layout.tile_len, layout.tile_seq_start, scale, layout.num_tiles, layout.U, **common)

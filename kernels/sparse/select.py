@@ -14,11 +14,13 @@ Restricted to kernel_size == 2 * kernel_stride and block_size / kernel_stride a 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
 
 from .naive import compress_keys_reference
+from .tiles import tiles
 
 
 @triton.jit
@@ -181,17 +183,11 @@ def triton_select_blocks(q, k, seq_bounds, *, block_size, kernel_size, kernel_st
     NBT = min(32, KP)
     BG = triton.next_power_of_2(G)
     BT = max(1, 64 // BG)
-    tile_pos, tile_seq = [], []
-    for n, (s, e) in enumerate(zip(seq_bounds[:-1], seq_bounds[1:])):
-        for t in range(s, e, BT):
-            if t + BT <= s + q_start:
-                continue
-            tile_pos.append(t)
-            tile_seq.append(n)
+    tile_pos, _, tile_seq = tiles(seq_bounds, BT, q_start)
     idx = torch.full((Hk, TT, slots), -1, dtype=torch.int32, device=device)
-    if not tile_pos:
+    if not len(tile_pos):
         return idx
-    as_i32 = lambda x: torch.tensor(x, dtype=torch.int32, device=device)  # noqa: E731
+    as_i32 = lambda x: torch.as_tensor(np.asarray(x), dtype=torch.int32, device=device)  # noqa: E731
     starts, ends = seq_bounds[:-1], seq_bounds[1:]
     pad_steps = (KP // NBT).bit_length() - 1
     _select_kernel[(len(tile_pos), Hk)](

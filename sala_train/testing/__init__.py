@@ -5,6 +5,7 @@
 - ``poison_empty``: NaN-fill uninitialised allocations so unwritten kernel outputs fail
 - ``run_distributed``: run a function on N CPU processes with torch.distributed (gloo) initialised
 - ``seed_everything``
+- ``sala_train.testing.slurm.SlurmCluster`` (imported from there): a real SLURM cluster on this machine
 """
 
 from sala_train.testing.compare import assert_close, error_ratio

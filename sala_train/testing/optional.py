@@ -17,6 +17,8 @@ _EXTRA_FOR_PACKAGE = {
     "fla": "fla",
     "wandb": "wandb",
     "triton": "triton",
+    "submitit": "slurm",
+    "hydra_plugins": "slurm",  # hydra_plugins.hydra_submitit_launcher
 }
 
 

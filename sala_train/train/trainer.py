@@ -32,6 +32,7 @@ from ..data.loader import PackedLoader
 from .config import BackendConfig, RecipeError, StageConfig, TrainConfig
 from .losses import kl_distillation, next_token_mask
 from .params import param_groups, select_trainable
+from .preemption import MARKER_NAME, watch_preemption
 from .schedules import build_schedule, set_learning_rate
 
 log = logging.getLogger(__name__)
@@ -280,6 +281,13 @@ class Trainer:
 
     # -- the run ------------------------------------------------------------------------------------
     def run(self) -> Path:
+        """Every stage; on SIGUSR1 / SIGTERM, a checkpoint after the current step, then Preempted (exit code 75)."""
+        if self.rank == 0:
+            (self.run_dir / MARKER_NAME).unlink(missing_ok=True)  # left by a preempted run that this one resumes
+        with watch_preemption() as self.preemption:
+            return self._run_stages()
+
+    def _run_stages(self) -> Path:
         cfg = self.cfg
         self._start_wandb()
         resume = self.latest_checkpoint() if cfg.resume else None
@@ -372,9 +380,12 @@ class Trainer:
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
-            if stage.save_every and step % stage.save_every == 0 and step < steps:
-                self.save_checkpoint(backend, loader, {"stage_index": index, "step": step,
-                                                       "global_step": state["global_step"], "bad_steps": bad})
+            preempted = self.preemption.requested()  # the same answer on every rank
+            if preempted or (stage.save_every and step % stage.save_every == 0 and step < steps):
+                saved = {"stage_index": index, "step": step, "global_step": state["global_step"], "bad_steps": bad}
+                self.save_checkpoint(backend, loader, saved)
+            if preempted:
+                self.preemption.stop(self.run_dir, self.rank, saved)
         if progress is not None:
             progress.close()
         path = self.save_checkpoint(backend, None, {"stage_index": index + 1, "step": 0,

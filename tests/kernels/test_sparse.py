@@ -237,3 +237,16 @@ def test_q_start_skips_the_leading_rows_of_every_sequence(D):
     assert_close(o[keep], o_ref[keep], ratio=FP32_RATIO, name="o")
     for name, mine, theirs in zip(("dq", "dk", "dv"), ours_in, ref_in):
         assert_close(mine.grad, theirs.grad, ratio=FP32_RATIO, name=name)
+
+
+@pytest.mark.parametrize("step", [1, 4, 16])
+@pytest.mark.parametrize("q_start", [0, 3, 16, 40, 500])
+def test_tile_tables_equal_the_loop(step, q_start):
+    from sala_train.kernels.sparse.tiles import covered_tokens, tiles
+
+    bounds = [0, 0, 37, 38, 100, 164, 165, 300]  # empty, odd and one-token sequences
+    expected = [(t, min(step, e - t), n) for n, (s, e) in enumerate(zip(bounds[:-1], bounds[1:]))
+                for t in range(s, e, step) if t + step > s + q_start]
+    start, length, seq = tiles(bounds, step, q_start)
+    assert list(zip(start.tolist(), length.tolist(), seq.tolist())) == expected
+    assert covered_tokens(start, length).tolist() == [t + i for t, n, _ in expected for i in range(n)]

@@ -503,3 +503,29 @@ def test_command_line_end_to_end(teacher_dir, tmp_path):
     plan = LayerPlan.load(output / "plan.json")
     assert plan.evidence["method"] == "recall_drop" and len(plan.sparse_layers) == 2
     assert (output / "scores.png").is_file() and (output / "students.safetensors").is_file()
+
+
+def test_sweep_shards_of_a_job_array_merge_into_the_same_plan(halo_run, teacher_dir, tmp_path, monkeypatch):
+    # align once, score the layers in 2 shards (as 2 tasks of a job array), merge: the same sweep and plan as
+    # the single run of halo_run (same teacher, tasks and alignment), and the merge runs no sweep itself
+    output, plan = halo_run
+    array = tmp_path / "array"
+    with pytest.raises(FileNotFoundError, match="align_only=true"):
+        run_halo(_halo_config(teacher_dir, array, sweep_shard="0/2"), progress=False)
+    assert run_halo(_halo_config(teacher_dir, array, align_only=True), progress=False) is None
+    assert (array / "students.safetensors").is_file() and not (array / "sweep.json").exists()
+    for i in range(2):
+        assert run_halo(_halo_config(teacher_dir, array, sweep_shard=f"{i}/2"), progress=False) is None
+        shard = json.loads((array / f"sweep-shard-{i}-of-2.json").read_text())
+        assert [m is not None for m in shard["layers"]] == [j % 2 == i for j in range(LAYERS)]
+
+    def no_sweep(*args, **kwargs):
+        raise AssertionError("the merge should use the shard files")
+
+    monkeypatch.setattr(halo_module, "sweep", no_sweep)
+    merged = run_halo(_halo_config(teacher_dir, array), progress=False)
+    single = json.loads((output / "sweep.json").read_text())
+    assert json.loads((array / "sweep.json").read_text())["layers"] == single["layers"]
+    assert merged.sparse_layers == plan.sparse_layers and merged.evidence["scores"] == plan.evidence["scores"]
+    with pytest.raises(ValueError, match="need 0 <= i < n"):
+        run_halo(_halo_config(teacher_dir, array, sweep_shard="2/2"), progress=False)
