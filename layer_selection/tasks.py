@@ -7,6 +7,9 @@ Built in (small scale, generated deterministically from a seed with the model's 
     kv_recall   multi-query key-value recall: lines "key: value", then several of the keys asked again
     lm_loss     general ability: next-token loss and accuracy on held-out text
 
+For evaluation by length and depth (the quality study, benchmarks/quality/): ``hidden_fact_examples`` puts a pass
+key, or the asked one of several needles, at a fixed depth of held-out text.
+
 A recall task scores its answers by teacher forcing, one forward per batch:
     logprob      mean log-probability of the answer tokens (continuous: informative even for a weak model)
     exact_match  every answer token is the argmax given the tokens before it (exactly what greedy decoding
@@ -200,6 +203,53 @@ def needle_examples(tokenizer, documents: list[str], num_examples: int, context_
         depth = j / (num_examples - 1) if num_examples > 1 else 0.5
         at = round(depth * len(haystack))
         pieces = [(s, False) for s in haystack[:at]] + [(needle, False)] + [(s, False) for s in haystack[at:]]
+        examples.append(_assemble(tokenizer, pieces + [(question, False), (answer, True)]))
+    return examples
+
+
+def hidden_fact_examples(tokenizer, documents: list[str], num_examples: int, context_len: int, depth: float,
+                         seed: int, *, task: str = "passkey", num_keys: int = 4) -> list[RecallExample]:
+    """Retrieval at a fixed depth of a haystack of held-out sentences (for evaluation by length and depth).
+
+    task "passkey": a 5-digit pass key sentence at ``depth``; the prompt ends with "The pass key is".
+    task "multikey": ``num_keys`` needles "The special magic number for K is N." with different keys; the one
+    asked for sits at ``depth``, the others at random depths. ``depth`` is 0 (start) .. 1 (end of the haystack).
+    """
+    if task not in ("passkey", "multikey"):
+        raise ValueError(f"hidden_fact_examples: task {task!r}; expected 'passkey' or 'multikey'")
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"hidden_fact_examples: depth {depth} must be in [0, 1]")
+    rng, encode, examples = random.Random(seed), _Encoder(tokenizer), []
+    sentences = _sentences(documents)
+    if not sentences:
+        raise ValueError("hidden_fact_examples needs held-out text for its haystack; the documents are empty")
+    for _ in range(num_examples):
+        if task == "passkey":
+            key = str(rng.randint(10000, 99999))
+            needles = [encode(f" The pass key is {key}. Remember it. {key} is the pass key.")]
+            question, answer = encode(" What is the pass key? The pass key is"), encode(f" {key}")
+        else:
+            keys = rng.sample(NEEDLE_KEYS, num_keys)
+            numbers = [str(rng.randint(1000000, 9999999)) for _ in keys]
+            needles = [encode(f" The special magic number for {k} is {n}.") for k, n in zip(keys, numbers)]
+            question = encode(f" What is the special magic number for {keys[0]}? The special magic number for "
+                              f"{keys[0]} is")
+            answer = encode(f" {numbers[0]}")
+        used = 1 + sum(map(len, needles)) + len(question) + len(answer)
+        budget = _budget(context_len, used, task)
+        haystack, start, size = [], rng.randrange(len(sentences)), 0
+        while True:
+            sentence = encode(" " + sentences[(start + len(haystack)) % len(sentences)])
+            if size + len(sentence) > budget and haystack:
+                break
+            haystack.append(sentence)
+            size += len(sentence)
+        pieces = [(s, False) for s in haystack]
+        # the asked needle at `depth`; distractors at random places (inserted back to front: indices stay valid)
+        inserts = [(round(depth * len(haystack)), 1, needles[0])]
+        inserts += [(rng.randint(0, len(haystack)), 0, n) for n in needles[1:]]
+        for at, _, needle in sorted(inserts, key=lambda x: (x[0], x[1]), reverse=True):
+            pieces.insert(at, (needle, False))
         examples.append(_assemble(tokenizer, pieces + [(question, False), (answer, True)]))
     return examples
 

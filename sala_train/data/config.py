@@ -10,7 +10,10 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 # `type` of a source; "auto" picks one from the file extensions (or a save_to_disk directory).
-SOURCE_TYPES = ("auto", "json", "parquet", "text", "saved")
+# "tokens": documents already tokenized, as token ids back to back in <name>.bin (uint16, or uint32 for vocabularies
+# over 65535 when the file name ends in .u32.bin) with int64 document offsets in <name>.idx; read without
+# Hugging Face datasets (see sala_train.data.tokenize.TokenArrays).
+SOURCE_TYPES = ("auto", "json", "parquet", "text", "saved", "tokens")
 # How a plain-text file splits into documents (Hugging Face's text builder, `sample_by`).
 TEXT_UNITS = ("line", "paragraph", "document")
 
@@ -25,7 +28,7 @@ class SourceConfig:
     """
 
     path: str = ""
-    type: str = "auto"  # auto | json (also .jsonl) | parquet | text | saved (a save_to_disk directory)
+    type: str = "auto"  # auto | json (also .jsonl) | parquet | text | saved (a save_to_disk directory) | tokens
     weight: float = 1.0  # share of the mixture's tokens; weights are normalised over the sources
     text_field: str = "text"
     chat: bool = False
@@ -96,6 +99,9 @@ class DataConfig:
             )
         if self.max_epochs is not None and self.max_epochs < 1:
             problems.append(f"data.max_epochs={self.max_epochs} must be at least 1, or null to cycle forever")
+        if self.streaming and any(source.type == "tokens" for source in self.sources):
+            problems.append("data.streaming=true cannot read token-array sources (type: tokens); they are "
+                            "memory-mapped already: set streaming false")
         if self.cu_seqlens and self.batch_size != 1:
             problems.append(
                 f"data.cu_seqlens=true needs data.batch_size=1 (cu_seqlens packs one row), got "

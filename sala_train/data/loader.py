@@ -35,7 +35,7 @@ import numpy as np
 from .config import DataConfig
 from .packing import Document, Packer, Piece, collate, pack_sequence
 from .streams import CachedDocuments, Mixture, StreamedDocuments
-from .tokenize import streamed_source, tokenization_key, tokenized_source
+from .tokenize import TokenArrays, streamed_source, tokenization_key, tokenized_source
 
 STATE_VERSION = 1
 # Options that change the global stream of packed sequences; a state is only valid under the same ones.
@@ -68,7 +68,8 @@ class PackedLoader:
         self.lengths = None
         if self.datasets is not None:
             # the length column only: enough to plan every pass and every packed sequence
-            self.lengths = [ds.data.column("length").to_numpy().astype(np.int64) for ds in self.datasets]
+            self.lengths = [ds.lengths if isinstance(ds, TokenArrays) else
+                            ds.data.column("length").to_numpy().astype(np.int64) for ds in self.datasets]
         self.epoch, self.step = 0, 0
         self._begin_epoch()
 
@@ -83,6 +84,7 @@ class PackedLoader:
         if distributed and dist.get_rank() != 0:
             dist.barrier()
         datasets = [
+            TokenArrays(source, self.tokenizer) if source.type == "tokens" else
             tokenized_source(source, self.tokenizer, self.config.cache_dir, self.config.num_proc)
             for source in self.config.sources
         ]

@@ -216,6 +216,48 @@ def tokenized_source(source: SourceConfig, tokenizer, cache_dir, num_proc: int |
     return tokenized.with_format("numpy")
 
 
+class TokenArrays:
+    """A ``type: tokens`` source: documents tokenized beforehand, memory-mapped (no Hugging Face datasets).
+
+    ``<name>.bin`` holds every document's token ids back to back (uint16; uint32 when the name ends in
+    ``.u32.bin``), each document as the loader would tokenize it (``<s>`` ids ``</s>``); ``<name>.idx`` holds
+    int64 offsets [documents + 1] into it. ``ds[i]["input_ids"]`` is document i (int32), ``lengths`` their sizes.
+    """
+
+    def __init__(self, source: SourceConfig, tokenizer):
+        files = resolve_files(source)
+        if len(files) != 1:
+            raise DataSourceError(f"{source.describe()}: a tokens source is one <name>.bin file; the path matches "
+                                  f"{len(files)} files (use one source per file)")
+        path = files[0]
+        index = path.with_name(path.name.removesuffix(".bin").removesuffix(".u32") + ".idx")
+        if not index.is_file():
+            raise DataSourceError(f"{source.describe()}: {index} is missing; a tokens source is <name>.bin with "
+                                  "int64 document offsets in <name>.idx")
+        import numpy as np
+
+        dtype = np.uint32 if path.name.endswith(".u32.bin") else np.uint16
+        self.tokens = np.memmap(path, dtype=dtype, mode="r")
+        self.offsets = np.fromfile(index, dtype=np.int64)
+        if len(self.offsets) < 1 or self.offsets[0] != 0 or self.offsets[-1] != len(self.tokens) \
+                or (np.diff(self.offsets) < 0).any():
+            raise DataSourceError(f"{source.describe()}: the offsets in {index} do not cover the {len(self.tokens)} "
+                                  f"tokens of {path} (expected 0 first, {len(self.tokens)} last, non-decreasing)")
+        largest = int(self.tokens.max()) if len(self.tokens) else 0
+        if largest >= len(tokenizer):
+            raise DataSourceError(f"{source.describe()}: token id {largest} is outside the tokenizer's {len(tokenizer)} "
+                                  "ids; the arrays were written with another tokenizer")
+        self.lengths = np.diff(self.offsets)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, row: int) -> dict:
+        import numpy as np
+
+        return {"input_ids": np.asarray(self.tokens[self.offsets[row] : self.offsets[row + 1]], dtype=np.int32)}
+
+
 def streamed_source(source: SourceConfig, tokenizer, skip: int = 0):
     """A source read lazily and tokenized on the fly: an IterableDataset of tokenized rows, starting at
     raw record ``skip`` (records before it are read past, not tokenized)."""

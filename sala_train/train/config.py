@@ -100,7 +100,9 @@ class LoggingConfig:
 
 @dataclass
 class TrainConfig:
-    student: str = "???"  # a SALA checkpoint directory (the conversion's output, or an export of a run)
+    # a SALA checkpoint directory (the conversion's output, or an export of a run); a dense MiniCPM-4 checkpoint
+    # (model_type "minicpm") trains as the dense model, e.g. to pretrain a teacher from `sala-make-teacher`
+    student: str = "???"
     teacher: Optional[str] = None  # the frozen MiniCPM-4 teacher, for KL distillation
     tokenizer: Optional[str] = None  # default: the student's directory
     run_dir: str = "???"

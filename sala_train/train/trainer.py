@@ -40,6 +40,21 @@ log = logging.getLogger(__name__)
 DENSE_EVERYWHERE = 2**62  # dense_len that keeps InfLLM-V2 off at any length
 
 
+def model_class_of(path) -> type:
+    """The model class of a checkpoint, by config.json's model_type: "minicpm_sala" trains the SALA hybrid,
+    "minicpm" the dense MiniCPM-4 (pretraining a teacher from a random `sala-make-teacher` checkpoint)."""
+    from ..models import MiniCPMForCausalLM, MiniCPMSALAForCausalLM
+
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file}: no config.json in the checkpoint directory {path} (student=DIR)")
+    model_type = json.loads(config_file.read_text()).get("model_type")
+    classes = {"minicpm_sala": MiniCPMSALAForCausalLM, "minicpm": MiniCPMForCausalLM}
+    if model_type not in classes:
+        raise RecipeError(f"{config_file}: model_type {model_type!r} cannot be trained; expected one of {list(classes)}")
+    return classes[model_type]
+
+
 class TrainingStopped(RuntimeError):
     """The run stopped itself (too many bad steps); the message says why and where."""
 
@@ -165,12 +180,12 @@ class Trainer:
     def _check_trainable_patterns(self) -> None:
         """Every stage's trainable / frozen pattern must match a parameter of the student: checked on a
         meta-device copy built from config.json, so a typo fails before any weights or data are loaded."""
-        from ..models.sala import MiniCPMSALAForCausalLM
         from .params import TrainableSelectionError, match_parameters
 
-        config = MiniCPMSALAForCausalLM.load_config(self.cfg.student)
+        model_class = model_class_of(self.cfg.student)
+        config = model_class.load_config(self.cfg.student)
         with torch.device("meta"):
-            skeleton = MiniCPMSALAForCausalLM(config)
+            skeleton = model_class(config)
         for stage in self.cfg.stages:
             for key, patterns in (("trainable", stage.trainable), ("frozen", stage.frozen)):
                 for pattern in patterns:
@@ -186,9 +201,7 @@ class Trainer:
             dist.barrier()
 
     def _load_student(self, path: Path):
-        from ..models.sala import MiniCPMSALAForCausalLM
-
-        model = MiniCPMSALAForCausalLM.from_pretrained(path, dtype="float32", device=self.device)
+        model = model_class_of(path).from_pretrained(path, dtype="float32", device=self.device)
         if self.cfg.backend.activation_checkpointing:
             model.gradient_checkpointing_enable()
         return model.train()

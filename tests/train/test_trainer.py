@@ -71,6 +71,36 @@ def test_resume_continues_with_the_same_losses(checkpoints, tmp_path, monkeypatc
         assert resumed[step] == pytest.approx(expected[step], rel=1e-6), step
 
 
+def test_pretrains_a_dense_teacher_and_resumes(checkpoints, tmp_path, monkeypatch):
+    """A checkpoint with model_type "minicpm" trains as the dense MiniCPM-4 (pretraining a teacher from random
+    weights, the quality study's first step); a killed run resumes with the same losses."""
+    from dataclasses import replace
+
+    def dense_config(run_dir):
+        cfg = make_config(checkpoints, run_dir, student=str(checkpoints / "teacher"), teacher=None)
+        cfg.stages = [replace(cfg.stages[1], name="pretrain", sparse=False, loss="ce")]
+        return cfg
+
+    Trainer(dense_config(tmp_path / "full")).run()
+    expected = losses(tmp_path / "full")
+    exported = json.loads((tmp_path / "full" / "export" / "pretrain" / "config.json").read_text())
+    assert exported["model_type"] == "minicpm" and exported["architectures"] == ["MiniCPMForCausalLM"]
+
+    original = Trainer._log
+    def log_then_die(self, record):
+        original(self, record)
+        if record.get("global_step") == 2 and "loss" in record:  # after the checkpoint of step 1
+            raise Killed()
+    monkeypatch.setattr(Trainer, "_log", log_then_die)
+    with pytest.raises(Killed):
+        Trainer(dense_config(tmp_path / "killed")).run()
+    monkeypatch.setattr(Trainer, "_log", original)
+    Trainer(dense_config(tmp_path / "killed")).run()
+    resumed = losses(tmp_path / "killed")
+    for step in expected:  # fp32 on CPU, same batches and optimizer state
+        assert resumed[step] == pytest.approx(expected[step], rel=1e-6), step
+
+
 def _train_rank(rank, world, checkpoints, run_dir):
     cfg = make_config(Path(checkpoints), Path(run_dir))
     Trainer(cfg).run()
