@@ -185,7 +185,7 @@ def test_sala_decay_values():
 @pytest.mark.parametrize("varlen", [False, True], ids=["batch", "varlen"])
 def test_gpu_bf16_against_fp64(D, varlen):
     """bf16 inputs, fp32 state: relative error vs fp64 below 1e-2 (bf16 operand rounding is ~4e-3), and
-    no worse than fla's chunk_simple_gla on the same inputs where fla is installed."""
+    (D = 128) no worse than fla's chunk_simple_gla on the same inputs where fla is installed."""
     torch.manual_seed(8)
     H, T = 8, 3001
     B = 1 if varlen else 2
@@ -204,6 +204,8 @@ def test_gpu_bf16_against_fp64(D, varlen):
     ours_flat, ref_flat = [ours[0], ours[1], *ours[2]], [ref[0], ref[1], *ref[2]]
     for name, mine, theirs in zip(names, ours_flat, ref_flat):
         assert_close(mine, theirs, ratio=1e-2, name=f"bf16 {name}")
+    if D != 128:  # fla's comparison at the SALA head size only: its autotuning takes minutes per shape
+        return
     try:
         from fla.ops.simple_gla import chunk_simple_gla
     except ImportError:
