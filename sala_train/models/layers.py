@@ -18,10 +18,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        input_dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(input_dtype)
+        # = (x.float() * rsqrt(mean(x.float()^2) + eps)).to(x.dtype): torch computes the variance and the
+        # scaling in fp32 for low-precision inputs, in one fused kernel on CUDA (five passes in plain ops)
+        return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
