@@ -46,6 +46,11 @@ class SparseConfig:
     def slots(self) -> int:
         return self.init_blocks + self.local_blocks + self.topk
 
+    def selection(self) -> dict:
+        """The keyword arguments of ``select_blocks`` (and of the decode references) from this config."""
+        return dict(block_size=self.block_size, kernel_size=self.kernel_size, kernel_stride=self.kernel_stride,
+                    init_blocks=self.init_blocks, local_blocks=self.local_blocks, topk=self.topk)
+
     @classmethod
     def from_dict(cls, values: dict | None) -> "SparseConfig":
         values = dict(values or {})
@@ -203,8 +208,7 @@ def infllmv2_attention(q, k, v, config: SparseConfig | dict | None = None, cu_se
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist() if cu_seqlens is not None else [T] * B
     if all(n < config.dense_len for n in lengths):
         return _dense(q, k, v, scale, cu_seqlens)
-    select = dict(block_size=config.block_size, kernel_size=config.kernel_size, kernel_stride=config.kernel_stride,
-                  init_blocks=config.init_blocks, local_blocks=config.local_blocks, topk=config.topk, scale=scale)
+    select = dict(config.selection(), scale=scale)
     if all(n >= config.dense_len for n in lengths):
         indices = select_blocks(q, k, cu_seqlens=cu_seqlens, **select)
         return sparse_attention(q, k, v, indices, block_size=config.block_size, scale=scale, cu_seqlens=cu_seqlens)
@@ -234,8 +238,9 @@ def infllmv2_prefill(q, k, v, config: SparseConfig | dict | None = None, scale=N
 
     Each row gets exactly what the full prefill of S tokens gives it: dense causal below ``dense_len``,
     else its own block selection and sparse attention (a row depends only on its query and the keys up to
-    it). The Triton path selects and attends for the T new rows only, so a long prompt prefilled in chunks
-    costs what one prefill costs; the reference path computes the S rows and keeps the last T.
+    it). ``select_blocks`` and ``sparse_attention`` run with ``q_start = S - T``: the Triton path scores and
+    attends for the T new rows only, so a long prompt prefilled in chunks costs what one prefill costs; the
+    reference path computes the S rows and keeps the last T.
     """
     config = config if isinstance(config, SparseConfig) else SparseConfig.from_dict(config)
     _check(q[:, :1], k[:, :1], v[:, :1])
@@ -250,26 +255,12 @@ def infllmv2_prefill(q, k, v, config: SparseConfig | dict | None = None, scale=N
         from sala_train.models.attention import cached_causal_mask, masked_attention
 
         return masked_attention(q, k, v, cached_causal_mask(T, S - T), scale=scale)
+    # queries of zeros in front (their rows are neither scored nor attended on the Triton path)
     padded = q.new_zeros(B, S, Hq, D)
     padded[:, S - T:] = q
-    from .select import triton_select_blocks, triton_supports
-
-    if not (_use_triton(q, config.block_size)
-            and triton_supports(config.block_size, config.kernel_size, config.kernel_stride, D)):
-        return infllmv2_attention(padded, k, v, config, scale=scale)[:, S - T:]
-    from .attention import triton_sparse_attention
-
-    scale = D**-0.5 if scale is None else float(scale)
-    Hk = k.shape[2]
-    flat = lambda x: x.contiguous().view(B * S, x.shape[2], D)  # noqa: E731
-    bounds = _seq_bounds(None, B, S)
-    idx = triton_select_blocks(flat(padded), flat(k), bounds, block_size=config.block_size,
-                               kernel_size=config.kernel_size, kernel_stride=config.kernel_stride,
-                               init_blocks=config.init_blocks, local_blocks=config.local_blocks, topk=config.topk,
-                               scale=scale, q_start=S - T)
-    o = triton_sparse_attention(flat(padded), flat(k), flat(v), idx, bounds, config.block_size, scale,
-                                q_start=S - T)
-    return o.view(B, S, Hq, D)[:, S - T:]
+    indices = select_blocks(padded, k, scale=scale, q_start=S - T, **config.selection())
+    o = sparse_attention(padded, k, v, indices, block_size=config.block_size, scale=scale, q_start=S - T)
+    return o[:, S - T:]
 
 
 @torch.no_grad()
@@ -283,15 +274,10 @@ def infllmv2_decode(q, k_cache, v_cache, config: SparseConfig | dict | None = No
     them. See ``naive.sparse_decode_reference``.
     """
     config = config if isinstance(config, SparseConfig) else SparseConfig.from_dict(config)
-    return sparse_decode_reference(q, k_cache, v_cache, block_size=config.block_size,
-                                   kernel_size=config.kernel_size, kernel_stride=config.kernel_stride,
-                                   init_blocks=config.init_blocks, local_blocks=config.local_blocks,
-                                   topk=config.topk, dense_len=config.dense_len, scale=scale, compressed=compressed)
+    return sparse_decode_reference(q, k_cache, v_cache, dense_len=config.dense_len, scale=scale, compressed=compressed,
+                                   **config.selection())
 
 
 def decode_block_selection(q, k_cache, config: SparseConfig, scale: float, compressed=None) -> torch.Tensor:
     """The blocks the last token of each cached sequence selects: [N, H_kv, slots] (see the reference)."""
-    return decode_block_selection_reference(q, k_cache, block_size=config.block_size, kernel_size=config.kernel_size,
-                                            kernel_stride=config.kernel_stride, init_blocks=config.init_blocks,
-                                            local_blocks=config.local_blocks, topk=config.topk, scale=scale,
-                                            compressed=compressed)
+    return decode_block_selection_reference(q, k_cache, scale=scale, compressed=compressed, **config.selection())
