@@ -1,4 +1,5 @@
-"""Host-side tables of the sparse kernels, built with numpy in O(number of sequences) Python steps.
+"""Host-side tables of the kernels (query tiles, key blocks, time blocks), built with numpy in O(number of
+sequences) Python steps.
 
 A long prefill has hundreds of thousands of query tiles; a Python loop per tile costs seconds per call at
 1M tokens, so the tables are computed with array arithmetic instead.

@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
+
+from ..tiles import tiles
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -238,16 +241,13 @@ class BlockTable:
     """Blocks of at most L tokens that never cross a sequence boundary (int32 tensors on the device)."""
 
     def __init__(self, seq_bounds: list[int], block_len: int, device: torch.device):
-        starts, lengths, first = [], [], [0]
-        for s, e in zip(seq_bounds[:-1], seq_bounds[1:]):
-            for b0 in range(s, e, block_len):
-                starts.append(b0)
-                lengths.append(min(block_len, e - b0))
-            first.append(len(starts))
+        starts, lengths, seq = tiles(seq_bounds, block_len)
+        first = np.searchsorted(seq, np.arange(len(seq_bounds))).tolist()  # each sequence's first block; + total
         self.num_blocks = len(starts)
         self.num_seqs = len(seq_bounds) - 1
         as_tensor = lambda x: torch.tensor(x, dtype=torch.int32, device=device)  # noqa: E731
-        self.start, self.length, self.seq_first = as_tensor(starts or [0]), as_tensor(lengths or [0]), as_tensor(first)
+        self.start, self.length = as_tensor(starts.tolist() or [0]), as_tensor(lengths.tolist() or [0])
+        self.seq_first = as_tensor(first)
         # A block's own state contribution only matters when a later block (or the final state) uses it;
         # its pull on the state before it only when an earlier block (or the initial state) receives it.
         last_of_seq = set(b - 1 for b in first[1:] if b > 0)

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import covered_tokens, tiles
+from ..tiles import covered_tokens, tiles
 
 
 @triton.jit
@@ -35,6 +35,22 @@ def _tile_rows(q_tile_start, q_tile_len, hk, G: tl.constexpr, BG: tl.constexpr, 
 
 
 @triton.jit
+def _union_block(k, v, union, member, base, u, slot, valid, tok, start, last, hk, HK: tl.constexpr,
+                 D: tl.constexpr, BS: tl.constexpr):
+    """Union entry u of a tile: its key block's K and V [BS, D] (zeros past the tile's last token ``last``)
+    and which (row, key) pairs are visible: the row's token chose the block and the key is not in its future."""
+    blk = tl.load(union + base + u)
+    chose = (tl.load(member + base + u) >> slot) & 1
+    kpos = start + blk.to(tl.int64) * BS + tl.arange(0, BS)
+    rows = (kpos[:, None] * HK + hk) * D + tl.arange(0, D)[None, :]
+    in_range = (kpos <= last)[:, None]
+    kb = tl.load(k + rows, mask=in_range, other=0.0)
+    vb = tl.load(v + rows, mask=in_range, other=0.0)
+    visible = (valid & (chose == 1))[:, None] & (kpos[None, :] <= tok[:, None])
+    return kb, vb, visible
+
+
+@triton.jit
 def _sparse_fwd_kernel(q, k, v, o, lse, union, union_len, member, tile_start, tile_len, tile_seq_start, scale, NT,
                        U, HQ: tl.constexpr, HK: tl.constexpr, G: tl.constexpr, BG: tl.constexpr, D: tl.constexpr,
                        BS: tl.constexpr, BQ: tl.constexpr):
@@ -45,7 +61,6 @@ def _sparse_fwd_kernel(q, k, v, o, lse, union, union_len, member, tile_start, ti
     start = tl.load(tile_seq_start + tile).to(tl.int64)
     slot, head, valid, tok = _tile_rows(t0, n_tok, hk, G, BG, BQ)
     rd = tl.arange(0, D)
-    rs = tl.arange(0, BS)
     rows = (tok[:, None] * HQ + head[:, None]) * D + rd[None, :]
     qt = tl.load(q + rows, mask=valid[:, None], other=0.0)
     m = tl.full([BQ * BG], float("-inf"), dtype=tl.float32)
@@ -55,14 +70,8 @@ def _sparse_fwd_kernel(q, k, v, o, lse, union, union_len, member, tile_start, ti
     # the union's valid entries come first: a loop without branches, which Triton can software-pipeline
     n_union = tl.load(union_len + hk * NT + tile)
     for u in range(n_union):
-        blk = tl.load(union + base + u)
-        chose = (tl.load(member + base + u) >> slot) & 1
-        kpos = start + blk.to(tl.int64) * BS + rs
-        kb = tl.load(k + (kpos[:, None] * HK + hk) * D + rd[None, :], mask=(kpos <= t0 + n_tok - 1)[:, None],
-                     other=0.0)
-        vb = tl.load(v + (kpos[:, None] * HK + hk) * D + rd[None, :], mask=(kpos <= t0 + n_tok - 1)[:, None],
-                     other=0.0)
-        visible = (valid & (chose == 1))[:, None] & (kpos[None, :] <= tok[:, None])
+        kb, vb, visible = _union_block(k, v, union, member, base, u, slot, valid, tok, start, t0 + n_tok - 1, hk,
+                                       HK, D, BS)
         scores = tl.where(visible, tl.dot(qt, tl.trans(kb)) * scale, float("-inf"))
         m_new = tl.maximum(m, tl.max(scores, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -78,8 +87,8 @@ def _sparse_fwd_kernel(q, k, v, o, lse, union, union_len, member, tile_start, ti
 
 @triton.jit
 def _sparse_dq_kernel(q, k, v, do, lse, delta, dq, union, union_len, member, tile_start, tile_len, tile_seq_start,
-                      scale, NT, U, HQ: tl.constexpr, HK: tl.constexpr, G: tl.constexpr, BG: tl.constexpr, D: tl.constexpr,
-                      BS: tl.constexpr, BQ: tl.constexpr):
+                      scale, NT, U, HQ: tl.constexpr, HK: tl.constexpr, G: tl.constexpr, BG: tl.constexpr,
+                      D: tl.constexpr, BS: tl.constexpr, BQ: tl.constexpr):
     tile = tl.program_id(0)
     hk = tl.program_id(1)
     t0 = tl.load(tile_start + tile).to(tl.int64)
@@ -87,7 +96,6 @@ def _sparse_dq_kernel(q, k, v, do, lse, delta, dq, union, union_len, member, til
     start = tl.load(tile_seq_start + tile).to(tl.int64)
     slot, head, valid, tok = _tile_rows(t0, n_tok, hk, G, BG, BQ)
     rd = tl.arange(0, D)
-    rs = tl.arange(0, BS)
     rows = (tok[:, None] * HQ + head[:, None]) * D + rd[None, :]
     qt = tl.load(q + rows, mask=valid[:, None], other=0.0)
     dot_ = tl.load(do + rows, mask=valid[:, None], other=0.0)
@@ -97,13 +105,8 @@ def _sparse_dq_kernel(q, k, v, do, lse, delta, dq, union, union_len, member, til
     base = (hk * NT + tile).to(tl.int64) * U
     n_union = tl.load(union_len + hk * NT + tile)
     for u in range(n_union):
-        blk = tl.load(union + base + u)
-        chose = (tl.load(member + base + u) >> slot) & 1
-        kpos = start + blk.to(tl.int64) * BS + rs
-        in_range = (kpos <= t0 + n_tok - 1)[:, None]
-        kb = tl.load(k + (kpos[:, None] * HK + hk) * D + rd[None, :], mask=in_range, other=0.0)
-        vb = tl.load(v + (kpos[:, None] * HK + hk) * D + rd[None, :], mask=in_range, other=0.0)
-        visible = (valid & (chose == 1))[:, None] & (kpos[None, :] <= tok[:, None])
+        kb, vb, visible = _union_block(k, v, union, member, base, u, slot, valid, tok, start, t0 + n_tok - 1, hk,
+                                       HK, D, BS)
         p = tl.where(visible, tl.exp(tl.dot(qt, tl.trans(kb)) * scale - lse_t[:, None]), 0.0)
         dp = tl.dot(dot_, tl.trans(vb))
         ds = p * (dp - delta_t[:, None])
@@ -169,7 +172,10 @@ class SparseLayout:
         t_start, t_len, t_seq = tiles(seq_bounds, BQ, q_start)
         b_start, b_len, b_seq = tiles(seq_bounds, block_size)
         bounds = np.asarray(seq_bounds, dtype=np.int64)
-        as_i32 = lambda x: torch.from_numpy(x if len(x) else np.zeros(1, np.int64)).to(device, torch.int32)  # noqa: E731
+
+        def as_i32(x: np.ndarray) -> torch.Tensor:  # (one 0 for an empty table: kernels take a valid pointer)
+            return torch.from_numpy(x if len(x) else np.zeros(1, np.int64)).to(device, torch.int32)
+
         self.num_tiles, self.num_blocks = len(t_start), len(b_start)
         self.tile_start, self.tile_len, self.tile_seq_start = as_i32(t_start), as_i32(t_len), as_i32(bounds[t_seq])
         self.blk_key_start, self.blk_key_len = as_i32(b_start), as_i32(b_len)

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .naive import compress_keys_reference
-from .tiles import tiles
+from ..tiles import tiles
 
 
 @triton.jit

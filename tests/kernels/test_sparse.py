@@ -242,7 +242,7 @@ def test_q_start_skips_the_leading_rows_of_every_sequence(D):
 @pytest.mark.parametrize("step", [1, 4, 16])
 @pytest.mark.parametrize("q_start", [0, 3, 16, 40, 500])
 def test_tile_tables_equal_the_loop(step, q_start):
-    from sala_train.kernels.sparse.tiles import covered_tokens, tiles
+    from sala_train.kernels.tiles import covered_tokens, tiles
 
     bounds = [0, 0, 37, 38, 100, 164, 165, 300]  # empty, odd and one-token sequences
     expected = [(t, min(step, e - t), n) for n, (s, e) in enumerate(zip(bounds[:-1], bounds[1:]))
