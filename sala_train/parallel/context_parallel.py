@@ -114,14 +114,18 @@ def _gather(x: torch.Tensor, group) -> torch.Tensor:
     return torch.stack(out)
 
 
-class _GatherReduceScatter(torch.autograd.Function):
-    """x -> [world, *x.shape]; backward: the sum over ranks of the gradients of this rank's slice (every
-    rank's loss is a part of the total, so each part's gradient reaches the rank that owns the input)."""
+class _Gather(torch.autograd.Function):
+    """x -> [world, *x.shape]; the subclasses say where the gradient goes."""
 
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
         return _gather(x, group)
+
+
+class _GatherReduceScatter(_Gather):
+    """Backward: the sum over ranks of the gradients of this rank's slice (every rank's loss is a part of the
+    total, so each part's gradient reaches the rank that owns the input)."""
 
     @staticmethod
     def backward(ctx, grad):
@@ -135,14 +139,9 @@ class _GatherReduceScatter(torch.autograd.Function):
         return grad[rank], None
 
 
-class _GatherKeepSlice(torch.autograd.Function):
-    """x -> [world, *x.shape]; backward: this rank's slice of the gradient only, for a result that every
-    rank uses in the same, replicated computation (counted once in the total)."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _gather(x, group)
+class _GatherKeepSlice(_Gather):
+    """Backward: this rank's slice of the gradient only, for a result that every rank uses in the same,
+    replicated computation (counted once in the total)."""
 
     @staticmethod
     def backward(ctx, grad):
