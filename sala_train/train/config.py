@@ -112,6 +112,10 @@ class TrainConfig:
     resume: bool = True  # continue from the latest checkpoint in run_dir if there is one
     keep_last: int = 2  # checkpoints kept per run
     max_bad_steps: int = 5  # consecutive steps with a NaN/inf loss or gradient before the run stops
+    # stop as on preemption (checkpoint after the current step, exit code 75; the same command resumes) once this
+    # many minutes have passed since the trainer started: for jobs under a wall-clock limit. Leave room for one
+    # step and one checkpoint write. null: no limit
+    time_limit_minutes: Optional[float] = None
     eval_lengths: List[int] = field(default_factory=list)  # held-out loss at these lengths at stage ends
     backend: BackendConfig = field(default_factory=BackendConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -121,6 +125,9 @@ class TrainConfig:
             raise RecipeError("stages is empty: a run needs at least one stage")
         if not 0 <= self.start_stage < len(self.stages):
             raise RecipeError(f"start_stage = {self.start_stage} is outside 0..{len(self.stages) - 1}")
+        if self.time_limit_minutes is not None and not self.time_limit_minutes > 0:
+            raise RecipeError(f"time_limit_minutes = {self.time_limit_minutes}: a positive number of minutes, or "
+                              "null for no limit")
         if self.backend.name not in BACKENDS:
             raise RecipeError(f"backend.name = {self.backend.name!r}; expected one of {list(BACKENDS)}")
         if self.logging.wandb not in WANDB_MODES:

@@ -1,5 +1,6 @@
 """Preemption: SIGUSR1 or SIGTERM asks a running trainer to write a checkpoint and stop, so that the job can be
-requeued and resume from that checkpoint.
+requeued and resume from that checkpoint. A time limit (``time_limit_minutes`` in the recipe) stops it the same
+way once that much wall-clock time has passed, for jobs that must end before a scheduler's limit.
 
     with watch_preemption() as preemption:      # handlers installed here, the previous ones restored after
         ...
@@ -24,6 +25,7 @@ import os
 import signal
 import subprocess
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -54,12 +56,21 @@ class PreemptionWatcher:
 
     def __init__(self):
         self.signal_name: str | None = None
+        self.deadline: float | None = None  # time.monotonic() past which requested() is true (a time limit)
+        self.limit_minutes: float | None = None
 
     def handle(self, signum, frame) -> None:
         if self.signal_name is None:
             self.signal_name = signal.Signals(signum).name
 
+    def set_time_limit(self, started: float, minutes: float | None) -> None:
+        """Stop as on a signal once ``minutes`` have passed since ``started`` (a time.monotonic() reading)."""
+        self.limit_minutes = minutes
+        self.deadline = None if minutes is None else started + 60.0 * minutes
+
     def requested(self) -> bool:
+        if self.signal_name is None and self.deadline is not None and time.monotonic() >= self.deadline:
+            self.signal_name = f"the time limit ({self.limit_minutes:g} min, time_limit_minutes)"
         flag = torch.tensor([1.0 if self.signal_name else 0.0])
         if dist.is_initialized():
             if dist.get_backend() == "nccl":

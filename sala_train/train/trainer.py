@@ -154,6 +154,7 @@ def backend_class(config: BackendConfig, world_size: int = 1):
 
 class Trainer:
     def __init__(self, cfg: TrainConfig):
+        self.started = time.monotonic()  # time_limit_minutes counts from here
         self.cfg = cfg
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.data_world = data_parallel_size(cfg.backend, self.world)
@@ -292,6 +293,7 @@ class Trainer:
         if self.rank == 0:
             (self.run_dir / MARKER_NAME).unlink(missing_ok=True)  # left by a preempted run that this one resumes
         with watch_preemption() as self.preemption:
+            self.preemption.set_time_limit(self.started, self.cfg.time_limit_minutes)
             return self._run_stages()
 
     def _run_stages(self) -> Path:

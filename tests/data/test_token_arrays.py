@@ -53,3 +53,42 @@ def test_token_arrays_refuse_foreign_or_broken_files(tmp_path):
         PackedLoader(config, tokenizer)
     with pytest.raises(ValueError, match="streaming"):
         DataConfig(sources=[SourceConfig(path="x.bin", type="tokens")], streaming=True).validate()
+
+
+def test_pretokenize_writes_the_arrays_the_loader_packs_like_the_source(tmp_path):
+    from sala_train.data.pretokenize import main, write_token_arrays
+
+    tokenizer = load_tokenizer()
+    rng = np.random.default_rng(1)
+    words = "a quiet harbour keeps seven red boats under the long grey wall".split()
+    paragraphs = [" ".join(rng.choice(words, size=int(rng.integers(1, 90)))) for _ in range(23)]
+    (tmp_path / "book.txt").write_text("\n\n".join(paragraphs) + "\n")
+    text = SourceConfig(path=str(tmp_path / "book.txt"), type="text", text_unit="paragraph")
+    main(["--source", str(tmp_path / "book.txt"), "--type", "text", "--out", str(tmp_path / "book.bin"),
+          "--cache-dir", str(tmp_path / "cache")])
+    assert (tmp_path / "book.idx").is_file() and not list(tmp_path.glob(".*.tmp"))
+    offsets = np.fromfile(tmp_path / "book.idx", dtype=np.int64)
+    assert len(offsets) == 24 and offsets[-1] * 2 == (tmp_path / "book.bin").stat().st_size
+
+    def batches(source):
+        config = DataConfig(sources=[source], seq_len=53, batch_size=2, seed=3, cache_dir=str(tmp_path / "cache"))
+        loader = PackedLoader(config, tokenizer)
+        return [next(loader) for _ in range(10)]
+
+    for a, b in zip(batches(text), batches(SourceConfig(path=str(tmp_path / "book.bin"), type="tokens"))):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert np.array_equal(np.asarray(a[key]), np.asarray(b[key])), key
+
+    with pytest.raises(ValueError, match="<name>.bin"):
+        write_token_arrays(text, tokenizer, tmp_path / "book.npy", cache_dir=tmp_path / "cache")
+    with pytest.raises(DataSourceError, match="loss mask"):
+        write_token_arrays(SourceConfig(path=str(tmp_path / "chat.jsonl"), chat=True), tokenizer,
+                           tmp_path / "chat.bin", cache_dir=tmp_path / "cache")
+
+    class Wide:  # a tokenizer of more ids than uint16 holds must write .u32.bin
+        def __len__(self):
+            return 70000
+
+    with pytest.raises(ValueError, match="u32.bin"):
+        write_token_arrays(text, Wide(), tmp_path / "wide.bin", cache_dir=tmp_path / "cache")

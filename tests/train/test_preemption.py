@@ -100,3 +100,33 @@ def test_a_signal_before_the_run_is_remembered_and_stops_it_after_the_first_step
             Trainer(make_config(checkpoints, tmp_path / "early")).run()
     marker = json.loads((tmp_path / "early" / MARKER_NAME).read_text())
     assert (marker["signal"], marker["global_step"]) == ("SIGUSR1", 1)
+
+
+def test_time_limit_stops_after_a_step_and_repeated_runs_match_an_uninterrupted_one(checkpoints,
+                                                                                     uninterrupted_losses, tmp_path):
+    # a limit already past when the first step ends: every run does one step, checkpoints, exits with 75
+    run_dir = tmp_path / "limited"
+    runs = 0
+    while True:
+        cfg = make_config(checkpoints, run_dir)
+        cfg.time_limit_minutes = 1e-9
+        runs += 1
+        try:
+            Trainer(cfg).run()
+            break
+        except Preempted as stopped:
+            assert stopped.code == PREEMPTED_EXIT_CODE
+            marker = json.loads((run_dir / MARKER_NAME).read_text())
+            assert marker["signal"].startswith("the time limit") and marker["global_step"] == runs
+        assert runs <= len(uninterrupted_losses) + 1
+    assert runs == len(uninterrupted_losses) + 1  # one step per run, then one run that only finishes the stage
+    assert read_losses(run_dir) == uninterrupted_losses
+
+
+def test_time_limit_must_be_positive(checkpoints, tmp_path):
+    from sala_train.train.config import RecipeError
+
+    cfg = make_config(checkpoints, tmp_path / "bad")
+    cfg.time_limit_minutes = 0
+    with pytest.raises(RecipeError, match="time_limit_minutes = 0"):
+        Trainer(cfg)
