@@ -80,7 +80,7 @@ class PreemptionWatcher:
 
     def stop(self, run_dir: Path, rank: int, state: dict) -> None:
         """Write the marker (rank 0) and raise Preempted; call it after the checkpoint of ``state`` is written."""
-        reason = self.signal_name or "a signal to another rank"
+        reason = self.signal_name or "a signal or the time limit on another rank"
         message = (f"preempted by {reason}: checkpoint of stage {state['stage_index']} step {state['step']} written "
                    f"in {run_dir / 'checkpoints'}; the same command resumes from it")
         if rank == 0:
