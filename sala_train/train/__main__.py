@@ -58,7 +58,18 @@ def _main(cfg) -> None:
     except Preempted:
         if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
             requeue_submitit_job()  # under sbatch, launch/slurm/train.sbatch requeues instead
+        close_process_group()  # every rank stopped after the same step
         raise
+    close_process_group()
+
+
+def close_process_group() -> None:
+    """After a run that every rank finished (not after an error: a rank stuck in a collective would hang it):
+    NCCL warns about leaked communicators at exit otherwise."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def main() -> None:
