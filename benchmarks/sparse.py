@@ -2,7 +2,7 @@
 
     python benchmarks/sparse.py            # the official table's shapes: 32K x 8, 64K x 4, 128K x 2, then 256K, 1M
     python benchmarks/sparse.py --quick    # 32K x 2 only
-    python benchmarks/sparse.py --sweep    # launch configurations (tile tokens, stages, warps) at 32K x 2
+    python benchmarks/sparse.py --sweep    # launch configurations (BQ, dk/dv BT, stages, warps) at 32K x 2
     python benchmarks/sparse.py --inputs correlated   # queries that drift slowly along the sequence
 
 Inputs: "random" (i.i.d. normal q, k: neighbouring tokens share few top-k blocks, the worst case for
@@ -137,7 +137,8 @@ def main():
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
           f"inputs {args.inputs}")
     if args.sweep:
-        for override in ({}, {"BQ": 2}, {"BQ": 1}, {"stages": 2}, {"stages": 4}, {"warps": 4}, {"BQ": 2, "warps": 4}):
+        for override in ({}, {"BQ": 2}, {"BQ": 1}, {"BT": 8}, {"BQ": 2, "BT": 8}, {"BQ": 1, "warps": 4},
+                         {"stages": 2}, {"stages": 4}, {"warps": 4}, {"BQ": 2, "warps": 4}):
             attention_module.KERNEL_OVERRIDES.clear()
             attention_module.KERNEL_OVERRIDES.update(override)
             for inputs in ("random", "correlated"):

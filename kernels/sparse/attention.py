@@ -9,8 +9,9 @@ choose it are masked out.
 
 forward   one program per (query tile, KV head): online softmax over the tile's union -> o, lse
 backward  dq: one program per (query tile, KV head), the forward loop with the saved lse
-          dk, dv: one program per (key block, KV head) over the tiles whose union holds the block (an
-          inverted index built with a sort, linear in T): no atomics, no T x T tensor
+          dk, dv: one program per (key block, KV head) over exactly the tokens that chose the block (an
+          inverted index built with a sort, linear in T), BT of them at a time: no union waste, no atomics,
+          no T x T tensor
 """
 
 from __future__ import annotations
@@ -115,11 +116,11 @@ def _sparse_dq_kernel(q, k, v, do, lse, delta, dq, union, union_len, member, til
 
 
 @triton.jit
-def _sparse_dkv_kernel(q, k, v, do, lse, delta, dk, dv, blk_key_start, blk_key_len, csr_offsets, csr_tile,
-                       csr_member, tile_start, tile_len, scale, NB,
-                       HQ: tl.constexpr, HK: tl.constexpr, G: tl.constexpr, BG: tl.constexpr, D: tl.constexpr,
-                       BS: tl.constexpr, BQ: tl.constexpr):
-    """One key block of one KV head, over the query tiles whose union holds it."""
+def _sparse_dkv_kernel(q, k, v, do, lse, delta, dk, dv, blk_key_start, blk_key_len, csr_offsets, csr_token, scale,
+                       NB, HQ: tl.constexpr, HK: tl.constexpr, G: tl.constexpr, BG: tl.constexpr, D: tl.constexpr,
+                       BS: tl.constexpr, BT: tl.constexpr):
+    """One key block of one KV head, over exactly the tokens that chose it, BT tokens x G heads at a time (the
+    tokens need not be neighbours: every row of an iteration chose the block, no row is masked for not having)."""
     gb = tl.program_id(0)
     hk = tl.program_id(1)
     kstart = tl.load(blk_key_start + gb).to(tl.int64)
@@ -135,16 +136,16 @@ def _sparse_dkv_kernel(q, k, v, do, lse, delta, dk, dv, blk_key_start, blk_key_l
     dv_acc = tl.zeros([BS, D], dtype=tl.float32)
     lo = tl.load(csr_offsets + hk * NB + gb)
     hi = tl.load(csr_offsets + hk * NB + gb + 1)
-    for i in range(lo, hi):
-        tile = tl.load(csr_tile + i)
-        bits = tl.load(csr_member + i)
-        t0 = tl.load(tile_start + tile).to(tl.int64)
-        n_tok = tl.load(tile_len + tile)
-        slot, head, valid, tok = _tile_rows(t0, n_tok, hk, G, BG, BQ)
-        valid = valid & (((bits >> slot) & 1) == 1)
-        rows = (tok[:, None] * HQ + head[:, None]) * D + rd[None, :]
-        qr = tl.load(q + rows, mask=valid[:, None], other=0.0)
-        dor = tl.load(do + rows, mask=valid[:, None], other=0.0)
+    rows = tl.arange(0, BT * BG)
+    slot = rows // BG
+    head = hk * G + rows % BG
+    for i in range(lo, hi, BT):
+        entry = i + slot
+        valid = (entry < hi) & (rows % BG < G)
+        tok = tl.load(csr_token + entry, mask=valid, other=0).to(tl.int64)
+        q_rows = (tok[:, None] * HQ + head[:, None]) * D + rd[None, :]
+        qr = tl.load(q + q_rows, mask=valid[:, None], other=0.0)
+        dor = tl.load(do + q_rows, mask=valid[:, None], other=0.0)
         lse_r = tl.load(lse + tok * HQ + head, mask=valid, other=0.0)
         delta_r = tl.load(delta + tok * HQ + head, mask=valid, other=0.0)
         visible = valid[:, None] & kvalid[None, :] & (kpos[None, :] <= tok[:, None])
@@ -190,6 +191,7 @@ class SparseLayout:
                                                                                                        np.int64)
         self.tok_block_offset = torch.from_numpy(np.repeat(block_offset, bounds[1:] - bounds[:-1])).to(device) \
             if NT else None
+        self.tokens = tokens  # the rows the kernels compute
         grid = torch.full((Hk, NT, BQ, S), -1, dtype=torch.int64, device=device)
         if NT:
             grid[:, tile_of_token, slot_of_token] = idx[:, tokens].long()
@@ -217,19 +219,20 @@ class SparseLayout:
         self.union_len = new_run.sum(-1).to(torch.int32).contiguous()
         self.member = member.to(torch.int32).contiguous()
 
-    def inverted_index(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """For every (KV head, key block): the tiles whose union holds it and their token bits (CSR)."""
-        Hk, NT, U = self.union.shape
-        NB = self.num_blocks
-        valid = self.union >= 0
-        tile_ids = torch.arange(NT, device=self.union.device)[None, :, None].expand(Hk, NT, U)
-        seq_offset = self.tok_block_offset[self.tile_start.long()][None, :, None]
-        keys = (self.union.long() + seq_offset + NB * torch.arange(Hk, device=self.union.device)[:, None, None])[valid]
-        order = torch.argsort(keys, stable=True)
-        counts = torch.bincount(keys, minlength=Hk * NB)
-        offsets = torch.zeros(Hk * NB + 1, dtype=torch.int32, device=self.union.device)
-        offsets[1:] = counts.cumsum(0)
-        return offsets, tile_ids[valid][order].to(torch.int32).contiguous(), self.member[valid][order].contiguous()
+    def token_index(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For every (KV head, key block): the computed tokens that chose it, ascending (CSR: offsets
+        [Hk * NB + 1], tokens). Built with one sort, linear in the number of selections."""
+        Hk = idx.shape[0]
+        NB, device = self.num_blocks, idx.device
+        sel = idx[:, self.tokens].long()  # [Hk, n, S] local block ids, -1 empty
+        valid = sel >= 0
+        first_block = self.tok_block_offset[self.tokens][None, :, None]
+        keys = (sel + first_block + NB * torch.arange(Hk, device=device)[:, None, None])[valid]
+        tokens = self.tokens[None, :, None].expand_as(sel)[valid]
+        order = torch.argsort(keys, stable=True)  # token order kept within a block
+        offsets = torch.zeros(Hk * NB + 1, dtype=torch.int32, device=device)
+        offsets[1:] = torch.bincount(keys, minlength=Hk * NB).cumsum(0)
+        return offsets, tokens[order].to(torch.int32).contiguous()
 
 
 # Benchmarks sweep the launch configuration through this dict (keys of _config); empty = defaults.
@@ -240,10 +243,13 @@ def _config(G: int, D: int) -> dict:
     BG = triton.next_power_of_2(G)
     # 64 rows per tile (tl.dot needs >= 16), at most 32 tokens (one bit each in an int32 mask)
     config = {"BG": BG, "BQ": min(32, max(1, 64 // BG)), "warps": 4 if D <= 64 else 8, "stages": 3}
+    config["BT"] = config["BQ"]  # tokens per dk/dv iteration (any power of two: no bit masks there)
     config.update(KERNEL_OVERRIDES)
     if config["BQ"] * BG < 16 or config["BQ"] > 32:
         raise ValueError(f"sparse attention tile of {config['BQ']} tokens x {BG} heads: need >= 16 rows, <= 32 "
                          "tokens")
+    if config["BT"] * BG < 16:
+        raise ValueError(f"sparse dk/dv iteration of {config['BT']} tokens x {BG} heads: need >= 16 rows")
     return config
 
 
@@ -266,6 +272,7 @@ class SparseAttentionFunction(torch.autograd.Function):
                 BS=block_size, BQ=cfg["BQ"], num_warps=cfg["warps"], num_stages=cfg["stages"])
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.layout, ctx.block_size, ctx.scale, ctx.cfg, ctx.q_start = layout, block_size, scale, cfg, q_start
+        ctx.idx = idx
         return o
 
     @staticmethod
@@ -285,10 +292,12 @@ class SparseAttentionFunction(torch.autograd.Function):
             _sparse_dq_kernel[(layout.num_tiles, Hk)](
                 q, k, v, do, lse, delta, dq, layout.union, layout.union_len, layout.member, layout.tile_start,
                 layout.tile_len, layout.tile_seq_start, scale, layout.num_tiles, layout.U, **common)
-            offsets, tiles, members = layout.inverted_index()
+            offsets, tokens = layout.token_index(ctx.idx)
+            dkv = {**common, "BT": cfg["BT"]}
+            del dkv["BQ"]
             _sparse_dkv_kernel[(layout.num_blocks, Hk)](
-                q, k, v, do, lse, delta, dk, dv, layout.blk_key_start, layout.blk_key_len, offsets, tiles, members,
-                layout.tile_start, layout.tile_len, scale, layout.num_blocks, **common)
+                q, k, v, do, lse, delta, dk, dv, layout.blk_key_start, layout.blk_key_len, offsets, tokens, scale,
+                layout.num_blocks, **dkv)
         return dq, dk, dv, None, None, None, None, None
 
 

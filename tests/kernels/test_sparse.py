@@ -94,6 +94,26 @@ def test_sparse_attention_forward_and_gradients(poisoned, Hq, Hk):
         assert_close(mine.grad, theirs.grad, ratio=FP32_RATIO, name=name)
 
 
+@pytest.mark.parametrize("Hq,Hk,override", [(16, 1, {"BT": 1}), (4, 2, {"BT": 8}), (2, 2, {"BQ": 16, "BT": 32})],
+                         ids=["group16-bt1", "group2-bt8", "group1-bq16-bt32"])
+def test_sparse_attention_launch_shapes_give_the_same_gradients(poisoned, monkeypatch, Hq, Hk, override):
+    """dk/dv go over the tokens that chose each block BT at a time, the forward and dq over BQ-token tiles:
+    other sizes than the defaults (a last group cut short, tiles of one token) change nothing."""
+    from sala_train.kernels.sparse import attention
+
+    B, T = 1, 99
+    q, k, v = qkv(B, T, Hq, Hk, seed=5)
+    idx = select_blocks_reference(q.float(), k.float(), **TINY)
+    do = torch.randn(B, T, Hq, 16, dtype=torch.float64)
+    ref_in = [x.clone().requires_grad_() for x in (q, k, v)]
+    (sparse_attention_reference(*ref_in, idx, block_size=16) * do).sum().backward()
+    monkeypatch.setattr(attention, "KERNEL_OVERRIDES", override)
+    ours_in = [x.float().requires_grad_() for x in (q, k, v)]
+    (sparse_attention(*ours_in, idx, block_size=16).double() * do).sum().backward()
+    for name, mine, theirs in zip(("dq", "dk", "dv"), ours_in, ref_in):
+        assert_close(mine.grad, theirs.grad, ratio=FP32_RATIO, name=f"{override} {name}")
+
+
 def test_sparse_attention_varlen(poisoned):
     q, k, v = qkv(1, 120, 4, 2, seed=9)
     cu = torch.tensor([0, 17, 18, 120])
