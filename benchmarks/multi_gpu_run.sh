@@ -9,11 +9,11 @@
 #   benchmarks/multi_gpu_run.sh report      # summary of every run so far
 #
 # Environment: WORK (students, runs; default /dev/shm/sala11: fast to write, kept while the machine is),
-# CALL_SECONDS (the time a phase may take, checkpoint included; default 560) or DEADLINE (epoch seconds), CKPT_SECONDS (kept back for the
-# checkpoint write at the time limit; default 150), STEPS (the 128K run's steps, default 50), GPUS (default: all),
-# PY (default python3), EXTRA (Hydra overrides for every run; CPU smoke tests), SMALL=1 (tiny-width students),
-# OUT (a folder that receives metrics files). Wheels in .whl/ are installed into /tmp/site first when hydra, deepspeed or
-# megatron-core are missing.
+# CALL_SECONDS (the time a phase may take, checkpoint included; default 560) or DEADLINE (epoch seconds),
+# CKPT_SECONDS (kept back for the checkpoint write at the time limit; default 150), STEPS (the 128K run's steps,
+# default 50), GPUS (default: all), PY (default python3), EXTRA (Hydra overrides for every run; CPU smoke tests),
+# SMALL=1 (tiny-width students), OUT (a folder that receives metrics files). Wheels in .whl/ are installed into
+# /tmp/site first when hydra, deepspeed or megatron-core are missing.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 STARTED=$(date +%s)
@@ -70,7 +70,8 @@ for r in steps:
 repeated = {s: v for s, v in by_step.items() if len(v) > 1}
 med = lambda k: statistics.median(r[k] for r in timed) if timed and k in timed[0] else float("nan")
 print(f"{run.name}: {len(by_step)} steps (last {steps[-1]['global_step']}), starts {len(first)}, "
-      f"median tokens/s {med('tokens_per_s'):.0f}, MFU {100 * med('mfu'):.1f}%, model TFLOP/s {med('model_tflops'):.0f}, "
+      f"median tokens/s {med('tokens_per_s'):.0f}, MFU {100 * med('mfu'):.1f}%, "
+      f"model TFLOP/s {med('model_tflops'):.0f}, "
       f"peak {max(r.get('peak_memory_gib', 0) for r in steps):.1f} GiB/GPU, loss {steps[0]['loss']:.3f} -> "
       f"{steps[-1]['loss']:.3f}; steps logged twice: {repeated or 'none'}")
 EOF
@@ -78,6 +79,9 @@ EOF
 
 train() {  # train RUN_DIR EXPERIMENT [overrides...]: one torchrun, stopped by the time limit in time to checkpoint
     local run=$1 experiment=$2; shift 2
+    if [ ! -f "$WORK/sala-8b/config.json" ] || [ ! -f "$DATA" ]; then
+        echo "no student or data in $WORK: run the setup phase first (a machine given back loses /dev/shm)"; return 1
+    fi
     local limit=$(( $(left) - CKPT_SECONDS ))
     if (( limit < 60 )); then echo "too little time left ($(left) s) to start $run"; return 1; fi
     echo "== $run: $experiment on $GPUS GPUs, time limit $limit s ($(date -u +%T))"
@@ -85,7 +89,9 @@ train() {  # train RUN_DIR EXPERIMENT [overrides...]: one torchrun, stopped by t
     $PY -m torch.distributed.run --standalone --nproc-per-node "$GPUS" -m sala_train.train "+experiment=$experiment" \
         run_dir="$run" time_limit_minutes=$(awk "BEGIN {print $limit / 60}") logging.progress=false "$@" $EXTRA
     local code=$?
-    echo "== torchrun exit code $code ($(date -u +%T)); $( [ -f "$run/preempted.json" ] && echo "stopped at the time limit: $(cat "$run/preempted.json")" || echo finished)"
+    local how=finished
+    [ -f "$run/preempted.json" ] && how="stopped at the time limit: $(cat "$run/preempted.json")"
+    echo "== torchrun exit code $code ($(date -u +%T)); $how"
     summary "$run"
     [ -n "${OUT:-}" ] && cp "$run/metrics.jsonl" "$OUT/$(basename "$run").metrics.jsonl" 2>/dev/null
     du -sh "$run"/checkpoints/* 2>/dev/null
@@ -100,16 +106,23 @@ case "${1:-}" in
         [ -f "$WORK/sala-8b-8l/config.json" ] \
             || $PY benchmarks/random_student.py --out "$WORK/sala-8b-8l" --layers 8 $small || exit 1
         if [ -f .carry/sample.bin ]; then cp .carry/sample.bin .carry/sample.idx "$WORK/"
-        else $PY -m sala_train.data.pretokenize --source "$($PY -c 'from sala_train.tokenizer import DEFAULT_SAMPLE_TEXT as t; print(t)')" \
-            --type text --text-unit document --out "$DATA" --cache-dir "$WORK/cache" || exit 1; fi
+        else
+            text=$($PY -c 'from sala_train.tokenizer import DEFAULT_SAMPLE_TEXT as t; print(t)')
+            $PY -m sala_train.data.pretokenize --source "$text" --type text --text-unit document --out "$DATA" \
+                --cache-dir "$WORK/cache" || exit 1
+        fi
         ;;
     megatron)
         train "$WORK/runs/megatron-128k" minicpm_sala_8b_128k_tp2cp2 student="$WORK/sala-8b" "$data_override" \
-            stages.0.seq_len=$SEQ stages.0.global_batch_tokens=$SEQ stages.0.tokens=$((STEPS * SEQ)) stages.0.save_every=0 \
+            stages.0.seq_len=$SEQ stages.0.global_batch_tokens=$SEQ stages.0.tokens=$((STEPS * SEQ)) \
+            stages.0.save_every=0 \
             keep_last=1  # a 9.5B checkpoint with sharded AdamW is about 160 GB
         ;;
     zero3)
-        rm -rf "$WORK/runs/megatron-128k/checkpoints"  # room for ZeRO-3's own files (its metrics stay)
+        ckpts="$WORK/runs/megatron-128k/checkpoints"
+        if ls -d "$ckpts"/stage-01-* >/dev/null 2>&1; then  # the 128K run finished: room for ZeRO-3's files
+            rm -rf "$ckpts"/stage-00-*
+        fi
         train "$WORK/runs/zero3-32k" minicpm_sala_8b_32k_zero3 student="$WORK/sala-8b" "$data_override" \
             stages.0.seq_len=$ZERO3_SEQ stages.0.global_batch_tokens=$((ZERO3_SEQ * GPUS)) \
             stages.0.tokens=$((STEPS * ZERO3_SEQ * GPUS)) stages.0.save_every=0 keep_last=1
