@@ -224,15 +224,16 @@ class SparseLayout:
         [Hk * NB + 1], tokens). Built with one sort, linear in the number of selections."""
         Hk = idx.shape[0]
         NB, device = self.num_blocks, idx.device
-        sel = idx[:, self.tokens].long()  # [Hk, n, S] local block ids, -1 empty
+        sel = idx[:, self.tokens].to(torch.int32)  # [Hk, n, S] local block ids, -1 empty (int32: Hk * NB < 2^31)
         valid = sel >= 0
-        first_block = self.tok_block_offset[self.tokens][None, :, None]
-        keys = (sel + first_block + NB * torch.arange(Hk, device=device)[:, None, None])[valid]
-        tokens = self.tokens[None, :, None].expand_as(sel)[valid]
+        first_block = self.tok_block_offset[self.tokens].to(torch.int32)[None, :, None]
+        head_base = NB * torch.arange(Hk, device=device, dtype=torch.int32)[:, None, None]
+        keys = (sel + first_block + head_base)[valid]
+        tokens = self.tokens.to(torch.int32)[None, :, None].expand_as(sel)[valid]
         order = torch.argsort(keys, stable=True)  # token order kept within a block
         offsets = torch.zeros(Hk * NB + 1, dtype=torch.int32, device=device)
         offsets[1:] = torch.bincount(keys, minlength=Hk * NB).cumsum(0)
-        return offsets, tokens[order].to(torch.int32).contiguous()
+        return offsets, tokens[order].contiguous()
 
 
 # Benchmarks sweep the launch configuration through this dict (keys of _config); empty = defaults.
