@@ -169,6 +169,7 @@ class MiniCPMModel(MiniCPMPreTrainedModel):
             config.head_dim, config.rope_theta, config.rope_scaling, config.max_position_embeddings
         )
         self.gradient_checkpointing = False
+        self.checkpoint_layers = None  # with gradient_checkpointing: recompute only the first N layers (None: all)
         self.post_init()
 
     def forward(
@@ -194,8 +195,9 @@ class MiniCPMModel(MiniCPMPreTrainedModel):
 
         h = inputs_embeds
         all_hidden = [h] if output_hidden_states else None
-        for layer in self.layers:
-            if self.gradient_checkpointing and self.training and past_key_values is None:
+        recomputed = len(self.layers) if self.checkpoint_layers is None else self.checkpoint_layers
+        for i, layer in enumerate(self.layers):
+            if self.gradient_checkpointing and self.training and past_key_values is None and i < recomputed:
                 h = checkpoint(layer, h, rope, attention, None, use_reentrant=False)
             else:
                 h = layer(h, rope, attention, past_key_values)
@@ -268,8 +270,13 @@ class MiniCPMForCausalLM(GenerationMixin, MiniCPMPreTrainedModel):
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None) -> None:
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, layers: int | None = None) -> None:
+        """Recompute the layers' activations in the backward pass instead of keeping them: all layers, or
+        only the first ``layers`` (the others keep theirs: memory for less recomputation)."""
+        if layers is not None and layers < 0:
+            raise ValueError(f"gradient checkpointing of {layers} layers: give a number >= 0, or None for all")
         self.model.gradient_checkpointing = True
+        self.model.checkpoint_layers = layers
 
     def gradient_checkpointing_disable(self) -> None:
         self.model.gradient_checkpointing = False

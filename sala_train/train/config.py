@@ -83,6 +83,9 @@ class BackendConfig:
     offload_optimizer: bool = False
     bf16: bool = False
     activation_checkpointing: bool = False
+    # with activation_checkpointing: recompute only the first N layers; the others keep their activations
+    # (memory traded for less recomputation, as Megatron's recompute-num-layers). null: every layer
+    checkpoint_layers: Optional[int] = None
     tensor_parallel: int = 1  # megatron: ranks that split heads and MLP columns
     context_parallel: int = 1  # megatron: ranks that split every sequence (zigzag); seq_len % (2 x this) == 0
     # megatron: AdamW state split over the ranks that hold the same parameters (data x context parallel, one
@@ -125,6 +128,9 @@ class TrainConfig:
             raise RecipeError("stages is empty: a run needs at least one stage")
         if not 0 <= self.start_stage < len(self.stages):
             raise RecipeError(f"start_stage = {self.start_stage} is outside 0..{len(self.stages) - 1}")
+        if self.backend.checkpoint_layers is not None and self.backend.checkpoint_layers < 0:
+            raise RecipeError(f"backend.checkpoint_layers = {self.backend.checkpoint_layers}: the number of layers "
+                              "to recompute (>= 0), or null for all of them")
         if self.time_limit_minutes is not None and not self.time_limit_minutes > 0:
             raise RecipeError(f"time_limit_minutes = {self.time_limit_minutes}: a positive number of minutes, or "
                               "null for no limit")

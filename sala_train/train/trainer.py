@@ -204,7 +204,7 @@ class Trainer:
     def _load_student(self, path: Path):
         model = model_class_of(path).from_pretrained(path, dtype="float32", device=self.device)
         if self.cfg.backend.activation_checkpointing:
-            model.gradient_checkpointing_enable()
+            model.gradient_checkpointing_enable(layers=self.cfg.backend.checkpoint_layers)
         return model.train()
 
     def _load_teacher(self):

@@ -184,11 +184,29 @@ def test_backward_reaches_every_parameter_in_both_mixers():
     missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not missing, missing
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    model.gradient_checkpointing_enable()
-    model(ids, labels=ids, cu_seqlens=cu_seqlens).loss.backward()
-    for name, p in model.named_parameters():
-        assert_close(p.grad, grads[name], ratio=1e-5, name=f"{name} with gradient checkpointing")
+    import sala_train.models.minicpm as minicpm_module
+
+    recomputed = []
+    original = minicpm_module.checkpoint
+
+    def counting(layer, *args, **kwargs):
+        recomputed.append(layer.layer_idx if hasattr(layer, "layer_idx") else layer)
+        return original(layer, *args, **kwargs)
+
+    minicpm_module.checkpoint = counting
+    try:
+        for layers in (None, 2, 0):  # every layer, the first two, none
+            model.zero_grad()
+            recomputed.clear()
+            model.gradient_checkpointing_enable(layers=layers)
+            model(ids, labels=ids, cu_seqlens=cu_seqlens).loss.backward()
+            assert len(recomputed) == (4 if layers is None else layers)
+            for name, p in model.named_parameters():
+                assert_close(p.grad, grads[name], ratio=1e-5, name=f"{name} with {layers} checkpointed layers")
+    finally:
+        minicpm_module.checkpoint = original
+    with pytest.raises(ValueError, match="-1 layers"):
+        model.gradient_checkpointing_enable(layers=-1)
 
 
 # -- HyPE ----------------------------------------------------------------------------------------------------

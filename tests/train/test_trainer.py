@@ -218,3 +218,13 @@ def test_minicpm_sala_8b_recipe_is_the_paper_stage_table():
             assert abs(stage.global_batch_tokens / paper[stage.name] - 1) < 0.01
     accumulation, steps = cfg.stages[1].plan(data_parallel_size=8)
     assert (accumulation, steps) == (238, 40_340)
+
+
+def test_checkpoint_layers_reach_the_model_and_negative_ones_are_refused(checkpoints, tmp_path):
+    cfg = make_config(checkpoints, tmp_path / "partial")
+    cfg.backend.activation_checkpointing, cfg.backend.checkpoint_layers = True, 1
+    model = Trainer(cfg)._load_student(Path(cfg.student))
+    assert model.model.gradient_checkpointing and model.model.checkpoint_layers == 1
+    cfg.backend.checkpoint_layers = -2
+    with pytest.raises(RecipeError, match="checkpoint_layers = -2"):
+        cfg.validate()

@@ -542,6 +542,7 @@ class MiniCPMSALAModel(MiniCPMSALAPreTrainedModel):
             for d in _rope_head_dims(config)
         }
         self.gradient_checkpointing = False
+        self.checkpoint_layers = None  # with gradient_checkpointing: recompute only the first N layers (None: all)
         self.post_init()
 
     # The teacher's forward (embeddings, positions and packing, the layer loop, the final norm) with the
