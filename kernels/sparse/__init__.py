@@ -271,9 +271,17 @@ def infllmv2_decode(q, k_cache, v_cache, config: SparseConfig | dict | None = No
     q [N, H_q, D]; k_cache, v_cache [N, S, H_kv, D] with S the tokens so far (this one included). Dense below
     ``dense_len``; else the blocks the prefill would select for its last row, attention over those only:
     linear in S. ``compressed``: the (fine, coarse) compressed-key caches [N, n, H_kv, D] if the caller keeps
-    them. See ``naive.sparse_decode_reference``.
+    them. See ``naive.sparse_decode_reference``. The Triton path (sparse range) selects with the reference's
+    vectorised torch ops and attends in one kernel over the selected blocks.
     """
     config = config if isinstance(config, SparseConfig) else SparseConfig.from_dict(config)
+    S = k_cache.shape[1]
+    if S >= config.dense_len and _use_triton(q, config.block_size):
+        from .attention import triton_sparse_decode
+
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        indices = decode_block_selection(q, k_cache, config, scale, compressed=compressed)
+        return triton_sparse_decode(q, k_cache, v_cache, indices, config.block_size, scale)
     return sparse_decode_reference(q, k_cache, v_cache, dense_len=config.dense_len, scale=scale, compressed=compressed,
                                    **config.selection())
 

@@ -307,3 +307,60 @@ def triton_sparse_attention(q, k, v, idx, seq_bounds, block_size: int, scale: fl
     ``q_start`` > 0: the query tiles wholly before position q_start of each sequence are not computed (zeros
     and no gradient there; rows before q_start in the tile that crosses it are computed as usual)."""
     return SparseAttentionFunction.apply(q, k, v, idx, seq_bounds, block_size, scale, q_start)
+
+
+# -- decode ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _sparse_decode_kernel(q, k, v, o, idx, S, scale, stride_kn, stride_ks, SLOTS,
+                          HQ: tl.constexpr, HK: tl.constexpr, G: tl.constexpr, BG: tl.constexpr, D: tl.constexpr,
+                          BS: tl.constexpr):
+    """One new token of sequence n, the G query heads of KV head hk: online softmax over the keys of its
+    selected blocks (``idx`` [N, H_kv, SLOTS], -1 = empty) among the S cached positions."""
+    n = tl.program_id(0).to(tl.int64)
+    hk = tl.program_id(1)
+    rows = tl.arange(0, BG)
+    row_ok = rows < G
+    rd = tl.arange(0, D)
+    q_rows = (n * HQ + hk * G + rows)[:, None] * D + rd[None, :]
+    qt = tl.load(q + q_rows, mask=row_ok[:, None], other=0.0)
+    m = tl.full([BG], float("-inf"), dtype=tl.float32)
+    acc_l = tl.zeros([BG], dtype=tl.float32)
+    acc = tl.zeros([BG, D], dtype=tl.float32)
+    base = (n * HK + hk) * SLOTS
+    for j in range(SLOTS):
+        blk = tl.load(idx + base + j)
+        kpos = blk.to(tl.int64) * BS + tl.arange(0, BS)
+        kvalid = (blk >= 0) & (kpos < S)
+        kv_rows = n * stride_kn + kpos[:, None] * stride_ks + hk * D + rd[None, :]
+        kb = tl.load(k + kv_rows, mask=kvalid[:, None], other=0.0)
+        vb = tl.load(v + kv_rows, mask=kvalid[:, None], other=0.0)
+        scores = tl.where(row_ok[:, None] & kvalid[None, :], tl.dot(qt, tl.trans(kb)) * scale, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(scores - m_safe[:, None])
+        alpha = tl.exp(m - m_safe)
+        acc_l = acc_l * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb)
+        m = m_new
+    out = acc / tl.where(acc_l > 0, acc_l, 1.0)[:, None]
+    tl.store(o + q_rows, out.to(o.dtype.element_ty), mask=row_ok[:, None])
+
+
+def triton_sparse_decode(q, k_cache, v_cache, indices, block_size: int, scale: float) -> torch.Tensor:
+    """q [N, H_q, D], k_cache, v_cache [N, S, H_kv, D] (heads and head_dim contiguous; a slice of a longer
+    buffer is fine), indices [N, H_kv, slots] (block ids, -1 empty) -> o [N, H_q, D]. One program per
+    (sequence, KV head) reads only its selected blocks: no gather copy of the keys."""
+    N, S, Hk, D = k_cache.shape
+    Hq = q.shape[1]
+    G = Hq // Hk
+    if k_cache.stride(3) != 1 or k_cache.stride(2) != D or v_cache.stride() != k_cache.stride():
+        k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()
+    q = q.contiguous()
+    indices = indices.to(torch.int32).contiguous()
+    o = torch.empty_like(q)
+    BG = max(16, triton.next_power_of_2(G))  # tl.dot needs 16 rows; the padding rows are masked
+    _sparse_decode_kernel[(N, Hk)](q, k_cache, v_cache, o, indices, S, scale, k_cache.stride(0), k_cache.stride(1),
+                                   indices.shape[-1], HQ=Hq, HK=Hk, G=G, BG=BG, D=D, BS=block_size,
+                                   num_warps=4 if D <= 64 else 8)
+    return o

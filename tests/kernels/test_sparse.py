@@ -20,6 +20,7 @@ from sala_train.kernels.sparse.naive import (
     dense_causal_attention_reference,
     select_blocks_reference,
     sparse_attention_reference,
+    sparse_decode_reference,
 )
 from sala_train.testing import assert_close, requires_gpu
 
@@ -186,6 +187,37 @@ def test_prefill_chunk_checks_shapes():
     q, k, v = qkv(1, 100, 4, 2, dtype=torch.float32)
     with pytest.raises(ValueError, match="must be the last rows"):
         infllmv2_prefill(q, k[:, :50], v[:, :50], TINY_CONFIG)
+
+
+@pytest.mark.parametrize("Hq,Hk", [(16, 1), (4, 2), (2, 2)], ids=["group16", "group2", "group1"])
+def test_triton_decode_kernel_equals_the_reference(poisoned, monkeypatch, Hq, Hk):
+    """The decode kernel reads the selected blocks of a cache that is a slice of a longer buffer (as a
+    preallocated cache is), with empty slots and a last block cut short; infllmv2_decode goes through it."""
+    from sala_train.kernels.sparse import attention, decode_block_selection
+
+    S, N, D = 150, 2, 16
+    g = torch.Generator().manual_seed(Hq)
+    q = torch.randn(N, Hq, D, generator=g)
+    buffer = torch.randn(2, N, 200, Hk, D, generator=g)  # room for 200 tokens, S of them filled
+    k, v = buffer[0, :, :S], buffer[1, :, :S]
+    expected = sparse_decode_reference(q.double(), k.double(), v.double(), dense_len=64, **TINY)
+    calls = []
+    original = attention.triton_sparse_decode
+    monkeypatch.setattr(attention, "triton_sparse_decode", lambda *a: calls.append(a) or original(*a))
+    got = infllmv2_decode(q, k, v, TINY_CONFIG)
+    assert len(calls) == 1
+    assert_close(got, expected, ratio=FP32_RATIO, name="decode kernel")
+    indices = decode_block_selection(q, k, TINY_CONFIG, D**-0.5)
+    indices[:, :, 0] = -1  # an emptied slot changes the answer exactly as the gathered attention says
+    o = original(q, k, v, indices, 16, D**-0.5)
+    positions = indices.long()[..., None] * 16 + torch.arange(16)  # [N, Hk, slots, 16]
+    valid = ((positions >= 0) & (positions < S)).flatten(2)
+    index = positions.clamp(0, S - 1).flatten(2)[..., None].expand(-1, -1, -1, D)
+    keys, values = (x.double().permute(0, 2, 1, 3).gather(2, index) for x in (k, v))
+    scores = torch.einsum("nkgd,nkld->nkgl", q.double().view(N, Hk, Hq // Hk, D), keys) * D**-0.5
+    scores = scores.masked_fill(~valid[:, :, None], float("-inf"))
+    ref = torch.einsum("nkgl,nkld->nkgd", scores.softmax(-1), values).reshape(N, Hq, D)
+    assert_close(o, ref, ratio=FP32_RATIO, name="decode kernel with an empty slot")
 
 
 def test_decode_selection_equals_the_reference_last_row():
