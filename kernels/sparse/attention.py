@@ -52,6 +52,19 @@ def _union_block(k, v, union, member, base, u, slot, valid, tok, start, last, hk
 
 
 @triton.jit
+def _online_softmax_step(scores, vb, m, acc_l, acc):
+    """Fold one key block (scores [rows, BS] with -inf where hidden, values vb [BS, D]) into the running
+    max m, sum acc_l and output acc of an online softmax; rows with nothing visible yet stay at zero."""
+    m_new = tl.maximum(m, tl.max(scores, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp(scores - m_safe[:, None])
+    alpha = tl.exp(m - m_safe)
+    acc_l = acc_l * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb)
+    return m_new, acc_l, acc
+
+
+@triton.jit
 def _sparse_fwd_kernel(q, k, v, o, lse, union, union_len, member, tile_start, tile_len, tile_seq_start, scale, NT,
                        U, HQ: tl.constexpr, HK: tl.constexpr, G: tl.constexpr, BG: tl.constexpr, D: tl.constexpr,
                        BS: tl.constexpr, BQ: tl.constexpr):
@@ -74,13 +87,7 @@ def _sparse_fwd_kernel(q, k, v, o, lse, union, union_len, member, tile_start, ti
         kb, vb, visible = _union_block(k, v, union, member, base, u, slot, valid, tok, start, t0 + n_tok - 1, hk,
                                        HK, D, BS)
         scores = tl.where(visible, tl.dot(qt, tl.trans(kb)) * scale, float("-inf"))
-        m_new = tl.maximum(m, tl.max(scores, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(scores - m_safe[:, None])
-        alpha = tl.exp(m - m_safe)
-        acc_l = acc_l * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb)
-        m = m_new
+        m, acc_l, acc = _online_softmax_step(scores, vb, m, acc_l, acc)
     out = acc / tl.where(acc_l > 0, acc_l, 1.0)[:, None]
     tl.store(o + rows, out.to(o.dtype.element_ty), mask=valid[:, None])
     tl.store(lse + tok * HQ + head, m + tl.log(tl.where(acc_l > 0, acc_l, 1.0)), mask=valid)
@@ -336,13 +343,7 @@ def _sparse_decode_kernel(q, k, v, o, idx, S, scale, stride_kn, stride_ks, SLOTS
         kb = tl.load(k + kv_rows, mask=kvalid[:, None], other=0.0)
         vb = tl.load(v + kv_rows, mask=kvalid[:, None], other=0.0)
         scores = tl.where(row_ok[:, None] & kvalid[None, :], tl.dot(qt, tl.trans(kb)) * scale, float("-inf"))
-        m_new = tl.maximum(m, tl.max(scores, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(scores - m_safe[:, None])
-        alpha = tl.exp(m - m_safe)
-        acc_l = acc_l * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb)
-        m = m_new
+        m, acc_l, acc = _online_softmax_step(scores, vb, m, acc_l, acc)
     out = acc / tl.where(acc_l > 0, acc_l, 1.0)[:, None]
     tl.store(o + q_rows, out.to(o.dtype.element_ty), mask=row_ok[:, None])
 
