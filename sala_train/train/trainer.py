@@ -384,9 +384,9 @@ class Trainer:
             record["model_tflops"] = record["tokens_per_s"] * flops_per_token / 1e12
             if peak:
                 record["mfu"] = record["tokens_per_s"] * flops_per_token / peak
-            if self.device.type == "cuda":
-                record["peak_memory_gib"] = self._peak_memory_gib()
-            if step % max(stage.log_every, 1) == 0 or step == steps:
+            if step % max(stage.log_every, 1) == 0 or step == steps:  # the same steps on every rank
+                if self.device.type == "cuda":
+                    record["peak_memory_gib"] = self._peak_memory_gib()  # a collective: only on logged steps
                 self._log(record)
             if progress is not None:
                 progress.update(1)
