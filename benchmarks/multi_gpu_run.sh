@@ -12,7 +12,7 @@
 # CALL_SECONDS (the time a phase may take, checkpoint included; default 560) or DEADLINE (epoch seconds),
 # CKPT_SECONDS (kept back for the checkpoint write at the time limit; default 150), STEPS (the 128K run's steps,
 # default 50), GPUS (default: all), PY (default python3), EXTRA (Hydra overrides for every run; CPU smoke tests),
-# SMALL=1 (tiny-width students), OUT (a folder that receives metrics files). Wheels in .whl/ are installed into
+# SMALL=1 (tiny-width students), SETUP_8L=0 (setup skips the 8-layer student of the scaling phase), OUT (a folder that receives metrics files). Wheels in .whl/ are installed into
 # /tmp/site first when hydra, deepspeed or megatron-core are missing.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -103,7 +103,7 @@ case "${1:-}" in
         df -h "$WORK" | tail -1
         small=${SMALL:+--small}
         [ -f "$WORK/sala-8b/config.json" ] || $PY benchmarks/random_student.py --out "$WORK/sala-8b" $small || exit 1
-        [ -f "$WORK/sala-8b-8l/config.json" ] \
+        [ "${SETUP_8L:-1}" = 0 ] || [ -f "$WORK/sala-8b-8l/config.json" ] \
             || $PY benchmarks/random_student.py --out "$WORK/sala-8b-8l" --layers 8 $small || exit 1
         if [ -f .carry/sample.bin ]; then cp .carry/sample.bin .carry/sample.idx "$WORK/"
         else
