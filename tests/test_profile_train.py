@@ -27,4 +27,4 @@ def test_profile_train_runs_and_variants_agree(tmp_path):
     losses = re.search(r"loss of one batch by variant: \{'loop': ([\d.]+), 'grouped': ([\d.]+)\}", run.stdout)
     assert losses, run.stdout
     assert abs(float(losses[1]) - float(losses[2])) < 1e-4 * float(losses[1])
-    assert re.search(r"^\| grouped \| [\d.]+ \|", run.stdout, re.M), run.stdout
+    assert re.search(r"^\| grouped \| [\d.]+ \|", run.stdout, re.MULTILINE), run.stdout
