@@ -24,6 +24,7 @@ import torch
 
 from inference import build, parse_length  # same directory: the 8B-shaped models
 
+from sala_train.kernels import fused
 from sala_train.train.losses import chunked_causal_lm_loss
 from sala_train.train.trainer import peak_flops, training_flops_per_token
 
@@ -68,7 +69,8 @@ def step_time(model, T: int, batch: int, steps: int, checkpointing: bool) -> tup
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="sala,dense")
+    parser.add_argument("--models", default="sala,sala-unfused,dense",
+                        help="sala-unfused: SALA with its q/k norm + RoPE in torch ops instead of the fused kernel")
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--lengths", default="4K,32K")
     parser.add_argument("--tokens", default="64K", help="tokens per optimizer step")
@@ -84,7 +86,8 @@ def main():
     peak = peak_flops(device)
     rows = []
     for kind in args.models.split(","):
-        model = make_model(kind, args.layers, args.device, args.small)
+        fused.ENABLED = kind != "sala-unfused"
+        model = make_model(kind.removesuffix("-unfused"), args.layers, args.device, args.small)
         params = sum(p.numel() for p in model.parameters())
         for T in (parse_length(x) for x in args.lengths.split(",")):
             batch = max(1, parse_length(args.tokens) // T)

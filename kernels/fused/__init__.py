@@ -10,8 +10,8 @@ and the output gradient once and writes dx, with the weight gradient reduced per
 
 x [B, T, H, D] (D a power of two, >= 16); weight [D] (fp32) or None for RoPE alone; cos, sin [B, T, D] fp32
 (``RotaryEmbedding``) or None for the norm alone. ``norm_rope_reference`` is the same math in torch ops (the CPU
-path and the tests' reference). Not wired into the model yet: its speed on an H100 is unmeasured
-(``benchmarks/fused.py``).
+path and the tests' reference). The lightning mixer's Triton op backend uses it (``LightningOps.norm_rope``);
+its speed on an H100 is not measured yet (``benchmarks/fused.py``; ``ENABLED = False`` turns it off).
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ import triton
 import triton.language as tl
 
 from ..lightning.chunk import INTERPRET
+
+# False: norm_rope runs its torch reference everywhere (benchmarks compare the model with and without the kernel)
+ENABLED = True
 
 
 def norm_rope_reference(x, weight, cos, sin, eps: float = 1e-6, out_dtype=None) -> torch.Tensor:
@@ -148,6 +151,6 @@ def norm_rope(x, weight, cos, sin, eps: float = 1e-6, out_dtype=None) -> torch.T
     if (cos is None) != (sin is None):
         raise ValueError("norm_rope: give both cos and sin, or neither")
     out_dtype = out_dtype or x.dtype
-    if not _use_triton(x) or (cos is not None and cos.requires_grad):
+    if not ENABLED or not _use_triton(x) or (cos is not None and cos.requires_grad):
         return norm_rope_reference(x, weight, cos, sin, eps=eps, out_dtype=out_dtype)
     return _NormRope.apply(x, weight, cos, sin, float(eps), out_dtype)

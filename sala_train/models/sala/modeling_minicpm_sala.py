@@ -29,6 +29,7 @@ from .configuration_minicpm_sala import LIGHTNING, SPARSE, MiniCPMSALAConfig
 
 try:
     # Inside sala_train: the teacher's modules, checkpoint streaming and the kernels.
+    from sala_train.kernels import fused as fused_kernels
     from sala_train.kernels import lightning as lightning_kernels
     from sala_train.kernels import sparse as sparse_kernels
     from sala_train.kernels.lightning.naive import (
@@ -66,7 +67,7 @@ except ImportError:
         sparse_decode_reference,
     )
 
-    lightning_kernels = sparse_kernels = write_remote_code = None
+    fused_kernels = lightning_kernels = sparse_kernels = write_remote_code = None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -74,16 +75,20 @@ except ImportError:
 # ---------------------------------------------------------------------------------------------------------
 
 class LightningOps(NamedTuple):
-    """The two ops of a lightning layer (signatures of sala_train.kernels.lightning):
+    """The ops of a lightning layer (signatures of sala_train.kernels.lightning and sala_train.kernels.fused):
 
     attention(q, k, v, decay, scale=, initial_state=, output_final_state=, cu_seqlens=) -> (o, final_state)
         q, k, v [B, T, H, D]; decay [H] log-decay; states [N, H, D, D] fp32
     decode(q, k, v, decay, state, scale) -> o
         q, k, v [N, H, D], one token per sequence; state [N, H, D, D] fp32, updated in place
+    norm_rope(x, weight, cos, sin, eps, out_dtype) -> y
+        x [B, T, H, D]: per-head RMSNorm (weight [D], or None), then RoPE (cos, sin [B, T, D] fp32, or None),
+        returned in out_dtype
     """
 
     attention: Callable
     decode: Callable
+    norm_rope: Callable
 
 
 class SparseOps(NamedTuple):
@@ -209,9 +214,20 @@ def sparse_decode_torch(q, k_cache, v_cache, sparse_config: dict, scale=None, co
                                    compressed=compressed, **_selection(sparse_config))
 
 
+def norm_rope_torch(x, weight, cos, sin, eps: float, out_dtype):
+    """The q / k preprocessing of a lightning layer in torch ops: ``weight * rms_norm(x)`` (the RMSNorm
+    module's math), then ``apply_rotary``, then the cast to ``out_dtype`` (under autocast the fp32 norm and
+    rotary promote q and k; v is bf16)."""
+    if weight is not None:
+        x = weight * torch.nn.functional.rms_norm(x, (x.shape[-1],), eps=eps)
+    if cos is not None:
+        x = apply_rotary(x, cos, sin)
+    return x.to(out_dtype)
+
+
 LIGHTNING_BACKENDS: dict[str, LightningOps] = {
-    "torch": LightningOps(lightning_attention_torch, lightning_decode_reference),
-    "fla": LightningOps(lightning_attention_fla, lightning_decode_reference),
+    "torch": LightningOps(lightning_attention_torch, lightning_decode_reference, norm_rope_torch),
+    "fla": LightningOps(lightning_attention_fla, lightning_decode_reference, norm_rope_torch),
 }
 SPARSE_BACKENDS: dict[str, SparseOps] = {
     "torch": SparseOps(sparse_attention_torch, sparse_decode_torch, sparse_prefill_torch),
@@ -220,8 +236,9 @@ if lightning_kernels is not None:
     # The kernels' public ops pick Triton on CUDA tensors (or under TRITON_INTERPRET=1) and their references
     # elsewhere.
     LIGHTNING_BACKENDS["triton"] = LightningOps(lightning_kernels.lightning_attention,
-                                                lightning_kernels.lightning_decode)
-    LIGHTNING_BACKENDS["fla"] = LightningOps(lightning_attention_fla, lightning_kernels.lightning_decode)
+                                                lightning_kernels.lightning_decode, fused_kernels.norm_rope)
+    LIGHTNING_BACKENDS["fla"] = LightningOps(lightning_attention_fla, lightning_kernels.lightning_decode,
+                                             norm_rope_torch)
     SPARSE_BACKENDS["triton"] = SparseOps(sparse_kernels.infllmv2_attention, sparse_kernels.infllmv2_decode,
                                           sparse_kernels.infllmv2_prefill)
 
@@ -386,12 +403,13 @@ class LightningMixer(nn.Module):
         B, T, _ = x.shape
         H, D = self.num_heads, self.head_dim
         q, k, v = (proj(x).view(B, T, H, D) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if self.use_rope:
-            cos, sin = rope[D]
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        q, k = q.to(v.dtype), k.to(v.dtype)  # under autocast the fp32 norms / rotary promote q, k; v is bf16
+        cos, sin = rope[D] if self.use_rope else (None, None)
+        if self.q_norm is not None or cos is not None:  # QK-norm, RoPE: one fused kernel on the Triton path
+            norms = (self.q_norm, self.k_norm) if self.q_norm is not None else None
+            eps = norms[0].eps if norms else 0.0
+            q_weight, k_weight = (norms[0].weight, norms[1].weight) if norms else (None, None)
+            q = self.ops.norm_rope(q, q_weight, cos, sin, eps, v.dtype)
+            k = self.ops.norm_rope(k, k_weight, cos, sin, eps, v.dtype)
         decay = self._decay(q.device)
 
         if cache is None and attention.cu_seqlens is not None:  # packed: the state restarts at every document
