@@ -143,6 +143,8 @@ class Study:
         from sala_train.train.__main__ import git_revision
         from sala_train.train.trainer import Trainer
 
+        if not self.progress:  # --quiet: the trainer's periodic log lines instead of its progress bar
+            overrides = [*overrides, "logging.progress=false"]
         cfg = self.compose("train", overrides)
         print("$ python -m sala_train.train " + " ".join(overrides), flush=True)
         trainer = Trainer(OmegaConf.to_object(cfg))

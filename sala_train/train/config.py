@@ -98,7 +98,8 @@ class LoggingConfig:
     wandb: str = "offline"  # disabled | offline | online
     project: str = "sala-train"
     run_name: Optional[str] = None
-    progress: bool = True
+    progress: bool = True  # a progress bar on rank 0; false: a log line every log_seconds instead (batch jobs)
+    log_seconds: float = 30.0
 
 
 @dataclass

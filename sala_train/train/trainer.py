@@ -350,6 +350,7 @@ class Trainer:
         tokens_per_step = stage.seq_len * stage.micro_batch_size * self.data_world * accumulation
         peak = (peak_flops(self.device) or 0.0) * self.world
         bad = state.get("bad_steps", 0)
+        last_line = time.perf_counter()
         while step < steps:
             started = time.perf_counter()
             lr = schedule.lr_at(step)
@@ -391,6 +392,12 @@ class Trainer:
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
+            elif self.rank == 0 and (time.perf_counter() - last_line >= cfg.logging.log_seconds or step in (1, steps)):
+                last_line = time.perf_counter()
+                remaining = (steps - step) * elapsed
+                log.info("stage %d %s: step %d/%d, loss %.4f, lr %.2e, %.0f tokens/s, about %d min %02d s left",
+                         index, stage.name, step, steps, record["loss"], lr, record["tokens_per_s"],
+                         remaining // 60, remaining % 60)
             preempted = self.preemption.requested()  # the same answer on every rank
             if preempted or (stage.save_every and step % stage.save_every == 0 and step < steps):
                 saved = {"stage_index": index, "step": step, "global_step": state["global_step"], "bad_steps": bad}

@@ -228,3 +228,17 @@ def test_checkpoint_layers_reach_the_model_and_negative_ones_are_refused(checkpo
     cfg.backend.checkpoint_layers = -2
     with pytest.raises(RecipeError, match="checkpoint_layers = -2"):
         cfg.validate()
+
+
+def test_without_a_progress_bar_the_trainer_logs_periodic_lines(checkpoints, tmp_path, caplog):
+    """logging.progress=false (batch jobs, multi-GPU runs): a line at the first and last step of each stage and
+    every logging.log_seconds between, with step, loss and time left."""
+    import logging
+
+    cfg = make_config(checkpoints, tmp_path / "run")
+    cfg.logging.progress, cfg.logging.log_seconds = False, 0.0  # 0: a line every step
+    with caplog.at_level(logging.INFO, logger="sala_train.train.trainer"):
+        Trainer(cfg).run()
+    lines = [r.getMessage() for r in caplog.records if "tokens/s" in r.getMessage()]
+    assert [line.split(":")[0] for line in lines] == ["stage 0 align"] * 2 + ["stage 1 long"] * 2
+    assert "step 2/2, loss " in lines[1] and "left" in lines[1]
