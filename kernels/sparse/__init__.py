@@ -219,9 +219,9 @@ def infllmv2_attention(q, k, v, config: SparseConfig | dict | None = None, cu_se
         docs = [(s, e) for s, e in zip(bounds[:-1], bounds[1:]) if (e - s >= config.dense_len) == long]
         if not docs:
             continue
-        index = torch.cat([torch.arange(s, e, device=q.device) for s, e in docs])
+        index = torch.cat([torch.arange(s, e) for s, e in docs]).to(q.device)  # built on the CPU, copied once
         cu = torch.tensor([0] + [e - s for s, e in docs], device=q.device).cumsum(0)
-        sub = [x[:, index] for x in (q, k, v)]
+        sub = [x.index_select(1, index) for x in (q, k, v)]  # backward: an index_add (advanced indexing sorts)
         if long:
             indices = select_blocks(sub[0], sub[1], cu_seqlens=cu, **select)
             part = sparse_attention(*sub, indices, block_size=config.block_size, scale=scale, cu_seqlens=cu)

@@ -149,12 +149,20 @@ def test_dense_below_dense_len_and_sparse_above():
 
 
 def test_packed_documents_on_both_sides_of_dense_len():
-    q, k, v = qkv(1, 130, 4, 2, dtype=torch.float32, seed=13)
+    """Forward and gradients of a packed batch with a short (dense) and a long (sparse) document, against the
+    two documents run alone."""
+    q, k, v = (x.requires_grad_() for x in qkv(1, 130, 4, 2, dtype=torch.float32, seed=13))
     cu = torch.tensor([0, 30, 130])
+    grad = torch.randn(1, 130, 4, 16)
     packed = infllmv2_attention(q, k, v, TINY_CONFIG, cu_seqlens=cu)
+    got = torch.autograd.grad(packed, (q, k, v), grad)
     first = infllmv2_attention(q[:, :30], k[:, :30], v[:, :30], TINY_CONFIG)
     second = infllmv2_attention(q[:, 30:], k[:, 30:], v[:, 30:], TINY_CONFIG)
-    assert_close(packed, torch.cat([first, second], dim=1), ratio=FP32_RATIO, name="packed")
+    alone = torch.cat([first, second], dim=1)
+    want = torch.autograd.grad(alone, (q, k, v), grad)
+    assert_close(packed, alone, ratio=FP32_RATIO, name="packed")
+    for name, g, w in zip(("dq", "dk", "dv"), got, want):
+        assert_close(g, w, ratio=FP32_RATIO, name=name)
 
 
 @pytest.mark.parametrize("S", [40, 64, 97, 150, 301])
