@@ -38,7 +38,8 @@ def make_model(kind: str, layers: int, device: str, small: bool):
     return build(kind, layers, device, small, dtype=torch.float32, mixer_types=quarter_sparse(layers)).train()
 
 
-def step_time(model, T: int, batch: int, steps: int, checkpointing: bool) -> tuple[float, float]:
+def step_time(model, T: int, batch: int, steps: int, checkpointing: bool,
+              profile_rows: int = 0) -> tuple[float, float]:
     device = next(model.parameters()).device
     if checkpointing:
         model.gradient_checkpointing_enable()
@@ -49,19 +50,32 @@ def step_time(model, T: int, batch: int, steps: int, checkpointing: bool) -> tup
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
+    def step():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss = chunked_causal_lm_loss(model, ids)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+
+    times = []
+    for _ in range(steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
+    if profile_rows:  # one more step under the profiler: where the time goes, op by op
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as prof:
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=sort, row_limit=profile_rows, max_name_column_width=60), flush=True)
     del opt
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     return statistics.median(times[2:] if len(times) > 3 else times), peak
@@ -77,6 +91,8 @@ def main():
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--checkpoint-from", default="1", help="activation checkpointing at this length and up "
                         "(default: every length; 4K without it runs out of memory at 64K tokens per step on an H100)")
+    parser.add_argument("--profile-rows", type=int, default=0,
+                        help="after timing, profile one step and print this many ops (by self GPU time)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--small", action="store_true", help="tiny width (smoke runs on a CPU)")
     parser.add_argument("--out", default=None)
@@ -93,7 +109,7 @@ def main():
             batch = max(1, parse_length(args.tokens) // T)
             ckpt = T >= parse_length(args.checkpoint_from)
             try:
-                seconds, mem = step_time(model, T, batch, args.steps, ckpt)
+                seconds, mem = step_time(model, T, batch, args.steps, ckpt, args.profile_rows)
             except torch.OutOfMemoryError as err:
                 rows.append({"model": kind, "T": T, "error": f"OOM ({str(err)[:60]})"})
                 print(json.dumps(rows[-1]), flush=True)
