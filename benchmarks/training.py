@@ -50,6 +50,7 @@ def step_time(model, T: int, batch: int, steps: int, checkpointing: bool,
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss = chunked_causal_lm_loss(model, ids)
@@ -76,7 +77,6 @@ def step_time(model, T: int, batch: int, steps: int, checkpointing: bool,
                 torch.cuda.synchronize()
         sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
         print(prof.key_averages().table(sort_by=sort, row_limit=profile_rows, max_name_column_width=60), flush=True)
-    del opt
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     return statistics.median(times[2:] if len(times) > 3 else times), peak
 
