@@ -84,13 +84,37 @@ def _peak() -> float:
 
 
 @torch.no_grad()
+def dense_cache_bytes(config, tokens: int, dtype=torch.bfloat16) -> int:
+    """The K/V cache of the dense model after ``tokens`` tokens: every layer keeps K and V of its KV heads."""
+    per_token = config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim
+    return tokens * per_token * torch.empty((), dtype=dtype).element_size()
+
+
+def check_cache_fits(model, tokens: int) -> None:
+    """Dense model on a GPU: reserve the final K/V cache once before the prefill, so that a length whose cache
+    cannot sit next to the weights is reported as OOM at once instead of after a prefill of many minutes (the
+    cache grows by chunks; this is a lower bound on what the run needs)."""
+    if model.config.model_type != "minicpm" or not torch.cuda.is_available():
+        return
+    need = dense_cache_bytes(model.config, tokens, next(model.parameters()).dtype)
+    free, _ = torch.cuda.mem_get_info()
+    try:
+        reserved = torch.empty(need, dtype=torch.uint8, device="cuda")
+    except torch.OutOfMemoryError as err:
+        raise torch.OutOfMemoryError(f"the K/V cache of {tokens} tokens needs {need / 2**30:.1f} GiB beside the "
+                                     f"weights; {free / 2**30:.1f} GiB are free") from err
+    del reserved
+    torch.cuda.empty_cache()
+
+
 def measure(model, T: int, chunk: int, decode_steps: int, vocab: int) -> dict:
     device = next(model.parameters()).device
+    check_cache_fits(model, T + decode_steps)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     ids = torch.randint(3, vocab, (1, T), device=device)
-    cache = model.new_cache()
+    cache = model.new_cache(capacity=T + decode_steps)  # as generate() does: allocated once
     _sync()
     t0 = time.perf_counter()
     logits = None
@@ -186,7 +210,7 @@ def main():
                 first = r["ttft_s"] if first is None else first
             r["first_ttft_s"] = first
         except torch.OutOfMemoryError as err:
-            r = {"T": T, "error": "OOM"}
+            r = {"T": T, "error": "OOM", "reason": str(err)[:200]}
             print(f"T={T}: out of memory ({str(err)[:100]})", file=sys.stderr, flush=True)
         result["rows"].append(r)
         print(json.dumps(r), flush=True)

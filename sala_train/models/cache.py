@@ -7,7 +7,9 @@ import torch
 
 class KVCache:
     """Per-layer K/V buffers [B, capacity, H_kv, D] that grow by doubling, so that decoding a long
-    sequence costs amortised O(1) copies per token instead of a concatenation per step.
+    sequence costs amortised O(1) copies per token instead of a concatenation per step. ``initial_capacity``
+    sizes the first allocation: ``generate`` passes prompt + new tokens, so that a long prompt's cache is
+    allocated once at its final size (doubling a 1M-token buffer would need 3x its size during the copy).
 
     ``seq_len`` counts the tokens stored so far; all layers advance together (the model calls
     ``update`` once per layer per forward, then ``advance`` once).

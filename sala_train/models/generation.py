@@ -48,8 +48,8 @@ class GenerationMixin:
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # no padding: the cheaper causal path
 
-        cache = self.new_cache()
         B, T = input_ids.shape
+        cache = self.new_cache(capacity=T + max_new_tokens)  # one allocation: a doubled buffer could not fit
         chunk = prefill_chunk_size or T
         logits = None
         for start in range(0, T, chunk):

@@ -281,8 +281,10 @@ class MiniCPMForCausalLM(GenerationMixin, MiniCPMPreTrainedModel):
     def gradient_checkpointing_disable(self) -> None:
         self.model.gradient_checkpointing = False
 
-    def new_cache(self) -> KVCache:
-        return KVCache(self.config.num_hidden_layers)
+    def new_cache(self, capacity: int = 256) -> KVCache:
+        """An empty cache whose buffers are first allocated for ``capacity`` tokens (prompt + new tokens, when
+        known: no regrowth, no doubled buffer at long context); past it they grow by doubling."""
+        return KVCache(self.config.num_hidden_layers, initial_capacity=capacity)
 
     def forward(
         self,

@@ -321,3 +321,26 @@ def test_missing_and_unexpected_tensors(tmp_path):
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises((MissingKeysError, UnexpectedKeysError), match=r"model\.layers\.1\.self_attn\.(q_proj|extra)"):
         MiniCPMForCausalLM.from_pretrained(path)
+
+
+def test_generate_allocates_the_cache_once_at_its_final_size(model, monkeypatch):
+    """generate() sizes the K/V buffers for prompt + new tokens: no regrowth while decoding, and no doubled
+    buffer (a 1M-token prompt's cache doubled on its first decoded token would need 3x its size)."""
+    made = []
+    original = type(model).new_cache
+
+    def recording_new_cache(self, capacity=256):
+        made.append(original(self, capacity=capacity))
+        return made[-1]
+
+    monkeypatch.setattr(type(model), "new_cache", recording_new_cache)
+    ids = torch.randint(3, model.config.vocab_size, (2, 300))
+    model.generate(ids, max_new_tokens=7, eos_token_id=-1)
+    cache = made[0]
+    assert cache.seq_len == 300 + 6  # the last new token is sampled, not fed back
+    assert all(k.shape[1] == 307 for k in cache.keys)
+    grown = model.new_cache(capacity=8)
+    model(ids[:, :20], past_key_values=grown)
+    assert grown.keys[0].shape[1] == 20  # past the capacity: just large enough, then doubling
+    model(ids[:, 20:21], past_key_values=grown)
+    assert grown.keys[0].shape[1] == 40

@@ -601,9 +601,10 @@ class MiniCPMSALAForCausalLM(GenerationMixin, MiniCPMSALAPreTrainedModel):
     gradient_checkpointing_enable = MiniCPMForCausalLM.gradient_checkpointing_enable
     gradient_checkpointing_disable = MiniCPMForCausalLM.gradient_checkpointing_disable
 
-    def new_cache(self) -> SALACache:
-        """An empty cache for ``forward(past_key_values=...)`` and ``generate``."""
-        return SALACache(self.config.mixer_types)
+    def new_cache(self, capacity: int = 256) -> SALACache:
+        """An empty cache for ``forward(past_key_values=...)`` and ``generate``; the sparse layers' K/V buffers
+        are first allocated for ``capacity`` tokens (prompt + new tokens, when known), then grow by doubling."""
+        return SALACache(self.config.mixer_types, initial_capacity=capacity)
 
     def set_backends(self, lightning: str | None = None, sparse: str | None = None) -> None:
         """Switch the ops of all layers (names of LIGHTNING_BACKENDS / SPARSE_BACKENDS, or "auto")."""
