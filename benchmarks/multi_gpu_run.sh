@@ -33,7 +33,10 @@ mkdir -p "$WORK"
 
 if ! $PY -c "import hydra, deepspeed, megatron.core" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
     if [ ! -f /tmp/site/.installed ]; then
-        $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        # only what these runs import: .whl/ may also hold wheels for other work (matplotlib, pillow, packaging)
+        # whose copies in /tmp/site would shadow the image's own versions
+        wheels=$(ls .whl/{antlr4_python3_runtime,hydra_core,omegaconf,deepspeed,hjson,pydantic,pydantic_core,annotated_types,typing_inspection,megatron_core}-*.whl 2>/dev/null)
+        $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $wheels \
             && touch /tmp/site/.installed || exit 1
     fi
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
