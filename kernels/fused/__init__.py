@@ -145,6 +145,8 @@ def norm_rope(x, weight, cos, sin, eps: float = 1e-6, out_dtype=None) -> torch.T
     B, T, _, D = x.shape
     if weight is not None and weight.shape != (D,):
         raise ValueError(f"norm_rope: weight must have shape [{D}] (x's head_dim), got {list(weight.shape)}")
+    if cos is not None and sin is not None and cos.shape[0] == sin.shape[0] == 1 and B > 1:
+        cos, sin = cos.expand(B, -1, -1), sin.expand(B, -1, -1)  # position ids [1, T] shared by the batch
     for name, t in (("cos", cos), ("sin", sin)):
         if t is not None and (t.shape != (B, T, D) or t.dtype != torch.float32):
             raise ValueError(f"norm_rope: {name} must be fp32 of shape {[B, T, D]}, got {t.dtype} {list(t.shape)}")

@@ -56,6 +56,15 @@ def test_reference_is_the_mixer_composition():
     torch.testing.assert_close(norm_rope_reference(x, weight, cos, sin, eps=1e-6), apply_rotary(norm(x), cos, sin))
 
 
+def test_one_row_of_positions_serves_the_batch():
+    """cos, sin [1, T, D] (position ids [1, T]) rotate every row of the batch, as apply_rotary broadcasts them."""
+    x, weight, cos, sin = inputs(3, 6, 2, 16, torch.float32)
+    shared = norm_rope(x, weight, cos[:1], sin[:1])
+    expanded = norm_rope(x, weight, cos[:1].expand(3, -1, -1), sin[:1].expand(3, -1, -1))
+    torch.testing.assert_close(shared, expanded)
+    torch.testing.assert_close(shared, norm_rope_reference(x, weight, cos[:1], sin[:1]), atol=1e-5, rtol=1e-5)
+
+
 def test_out_dtype_and_errors():
     x, weight, cos, sin = inputs(1, 5, 2, 16, torch.float32)
     assert norm_rope(x, weight, cos, sin, out_dtype=torch.float16).dtype == torch.float16
