@@ -83,11 +83,10 @@ def _peak() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
 
 
-@torch.no_grad()
 def dense_cache_bytes(config, tokens: int, dtype=torch.bfloat16) -> int:
     """The K/V cache of the dense model after ``tokens`` tokens: every layer keeps K and V of its KV heads."""
     per_token = config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim
-    return tokens * per_token * torch.empty((), dtype=dtype).element_size()
+    return tokens * per_token * dtype.itemsize
 
 
 def check_cache_fits(model, tokens: int) -> None:
@@ -107,6 +106,7 @@ def check_cache_fits(model, tokens: int) -> None:
     torch.cuda.empty_cache()
 
 
+@torch.no_grad()
 def measure(model, T: int, chunk: int, decode_steps: int, vocab: int) -> dict:
     device = next(model.parameters()).device
     check_cache_fits(model, T + decode_steps)
