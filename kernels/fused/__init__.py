@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ..lightning.chunk import INTERPRET
+from .. import triton_runs_on
 
 # False: norm_rope runs its torch reference everywhere (benchmarks compare the model with and without the kernel)
 ENABLED = True
@@ -134,7 +134,7 @@ class _NormRope(torch.autograd.Function):
 
 def _use_triton(x: torch.Tensor) -> bool:
     D = x.shape[-1]
-    return D >= 16 and D & (D - 1) == 0 and (x.is_cuda or (INTERPRET and x.device.type == "cpu"))
+    return D >= 16 and D & (D - 1) == 0 and triton_runs_on(x)
 
 
 def norm_rope(x, weight, cos, sin, eps: float = 1e-6, out_dtype=None) -> torch.Tensor:

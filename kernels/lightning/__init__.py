@@ -22,9 +22,9 @@ __all__ = ["lightning_attention", "lightning_decode", "sala_decay"]
 
 
 def _use_triton(x: torch.Tensor) -> bool:
-    from .chunk import INTERPRET
+    from .. import triton_runs_on
 
-    return x.shape[-1] in TRITON_HEAD_DIMS and (x.is_cuda or (INTERPRET and x.device.type == "cpu"))
+    return x.shape[-1] in TRITON_HEAD_DIMS and triton_runs_on(x)
 
 
 def _check_inputs(q, k, v, decay, initial_state, cu_seqlens) -> int:

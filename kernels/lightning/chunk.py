@@ -17,16 +17,13 @@ The states S_start_b are saved for the backward pass (L times smaller than q).
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
 import triton
 import triton.language as tl
 
+from .. import INTERPRET
 from ..tiles import tiles
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit

@@ -138,10 +138,10 @@ TRITON_HEAD_DIMS = (16, 32, 64, 128)
 
 
 def _use_triton(x: torch.Tensor, block_size: int) -> bool:
-    from sala_train.kernels.lightning.chunk import INTERPRET
+    from .. import triton_runs_on
 
     pow2 = block_size >= 16 and block_size & (block_size - 1) == 0
-    return pow2 and x.shape[-1] in TRITON_HEAD_DIMS and (x.is_cuda or (INTERPRET and x.device.type == "cpu"))
+    return pow2 and x.shape[-1] in TRITON_HEAD_DIMS and triton_runs_on(x)
 
 
 def _seq_bounds(cu_seqlens, B: int, T: int) -> list[int]:
