@@ -18,25 +18,25 @@ from contextlib import nullcontext
 
 import torch
 
+from sala_train.models import attention, minicpm
+
 
 def per_document_attention(q, k, v, cu_seqlens, *, scale=None):
-    from sala_train.models.attention import _sdpa
-
     out = torch.empty_like(q)
     bounds = cu_seqlens.tolist()
     for start, end in zip(bounds[:-1], bounds[1:]):
         if end > start:
-            out[:, start:end] = _sdpa(q[:, start:end], k[:, start:end], v[:, start:end], is_causal=True, scale=scale)
+            out[:, start:end] = attention._sdpa(q[:, start:end], k[:, start:end], v[:, start:end], is_causal=True,
+                                                scale=scale)
     return out
 
 
-def use_varlen(kind: str) -> None:
-    import sala_train.models.attention as attention
-    import sala_train.models.minicpm as minicpm
+VARLEN = {"grouped": attention.varlen_causal_attention, "loop": per_document_attention}
 
-    fn = per_document_attention if kind == "loop" else attention.__dict__["_grouped"]
-    minicpm.varlen_causal_attention = fn
-    attention.varlen_causal_attention = fn  # kernels.sparse imports it from here at call time
+
+def use_varlen(kind: str) -> None:
+    minicpm.varlen_causal_attention = VARLEN[kind]
+    attention.varlen_causal_attention = VARLEN[kind]  # kernels.sparse imports it from here at call time
 
 
 def main():
@@ -47,18 +47,19 @@ def main():
     parser.add_argument("--micro-batch", type=int, default=32)
     parser.add_argument("--accumulation", type=int, default=2)
     parser.add_argument("--steps", type=int, default=6, help="timed steps per variant (after 2 warm-up steps)")
-    parser.add_argument("--varlen", default="grouped", help="comma list of: grouped, loop")
+    parser.add_argument("--varlen", default="grouped", help=f"comma list of: {', '.join(VARLEN)}")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (the trainer's torch backend is fp32)")
     parser.add_argument("--rows", type=int, default=20)
     args = parser.parse_args()
+    unknown = [kind for kind in args.varlen.split(",") if kind not in VARLEN]
+    if unknown:
+        parser.error(f"--varlen {','.join(unknown)}: expected some of {', '.join(VARLEN)}")
 
-    import sala_train.models.attention as attention
     from sala_train.data.config import DataConfig, SourceConfig
     from sala_train.data.loader import PackedLoader
     from sala_train.tokenizer import load_tokenizer
     from sala_train.train.trainer import model_class_of
 
-    attention._grouped = attention.varlen_causal_attention
     torch.set_float32_matmul_precision("high")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model_class_of(args.student).from_pretrained(args.student, dtype="float32", device=device)

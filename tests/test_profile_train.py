@@ -28,3 +28,10 @@ def test_profile_train_runs_and_variants_agree(tmp_path):
     assert losses, run.stdout
     assert abs(float(losses[1]) - float(losses[2])) < 1e-4 * float(losses[1])
     assert re.search(r"^\| grouped \| [\d.]+ \|", run.stdout, re.MULTILINE), run.stdout
+
+
+def test_unknown_varlen_variant_is_refused_by_name(tmp_path):
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks/profile_train.py"), "--student", str(tmp_path),
+                          "--data", str(tmp_path / "x.bin"), "--varlen", "grouped,padded"], capture_output=True, text=True)
+    assert run.returncode == 2
+    assert "--varlen padded: expected some of grouped, loop" in run.stderr
