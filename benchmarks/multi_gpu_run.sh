@@ -12,8 +12,9 @@
 # CALL_SECONDS (the time a phase may take, checkpoint included; default 560) or DEADLINE (epoch seconds),
 # CKPT_SECONDS (kept back for the checkpoint write at the time limit; default 150), STEPS (the 128K run's steps,
 # default 50), GPUS (default: all), PY (default python3), EXTRA (Hydra overrides for every run; CPU smoke tests),
-# SMALL=1 (tiny-width students), SETUP_8L=0 (setup skips the 8-layer student of the scaling phase), OUT (a folder that receives metrics files). Wheels in .whl/ are installed into
-# /tmp/site first when hydra, deepspeed or megatron-core are missing.
+# SMALL=1 (tiny-width students), SETUP_8L=0 (setup skips the 8-layer student of the scaling phase), OUT (a folder
+# that receives metrics files). Wheels in .whl/ are installed into /tmp/site first when hydra, deepspeed or
+# megatron-core are missing.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 STARTED=$(date +%s)
@@ -139,5 +140,5 @@ case "${1:-}" in
     report)
         for run in "$WORK"/runs/*/ "$WORK"/runs/scaling/*/; do [ -f "$run/metrics.jsonl" ] && summary "$run"; done
         ;;
-    *) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+    *) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

@@ -405,11 +405,9 @@ class LightningMixer(nn.Module):
         q, k, v = (proj(x).view(B, T, H, D) for proj in (self.q_proj, self.k_proj, self.v_proj))
         cos, sin = rope[D] if self.use_rope else (None, None)
         if self.q_norm is not None or cos is not None:  # QK-norm, RoPE: one fused kernel on the Triton path
-            norms = (self.q_norm, self.k_norm) if self.q_norm is not None else None
-            eps = norms[0].eps if norms else 0.0
-            q_weight, k_weight = (norms[0].weight, norms[1].weight) if norms else (None, None)
-            q = self.ops.norm_rope(q, q_weight, cos, sin, eps, v.dtype)
-            k = self.ops.norm_rope(k, k_weight, cos, sin, eps, v.dtype)
+            weights = (self.q_norm.weight, self.k_norm.weight) if self.q_norm is not None else (None, None)
+            eps = self.q_norm.eps if self.q_norm is not None else 0.0
+            q, k = (self.ops.norm_rope(x, w, cos, sin, eps, v.dtype) for x, w in zip((q, k), weights))
         decay = self._decay(q.device)
 
         if cache is None and attention.cu_seqlens is not None:  # packed: the state restarts at every document
