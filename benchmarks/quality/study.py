@@ -31,6 +31,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import shutil
 import statistics
 import sys
@@ -66,6 +67,11 @@ class Scale:
     examples: int = 8  # retrieval examples per (task, length, depth)
     depths: tuple = DEPTHS  # of the asked fact in the haystack (a subset of DEPTHS)
     timing_repeats: int = 3
+    # Retrieval-format training documents (study.py text -> text/retrieval_{1x,4x}.bin): how many of each. 1x:
+    # haystacks of 1/16 to 1x the teacher length (teacher, and the students' short stages); 4x: 1x to 4x (the
+    # students' long stage); lengths log-uniform. The recipes mix them in by token weight
+    # (recipes/experiment/quality_*.yaml).
+    retrieval_docs: tuple = (16000, 240)
 
 
 SCALES = {
@@ -95,6 +101,7 @@ SCALES = {
         sparse_config={"kernel_size": 8, "kernel_stride": 4, "block_size": 16, "init_blocks": 1,
                        "window_size": 32, "topk": 2, "dense_len": 128},
         select_chars=100_000,
+        retrieval_docs=(24, 8),
         depths=(0.0, 0.5, 1.0),
         heldout_tokens=2048,
         examples=1,
@@ -133,8 +140,14 @@ class Study:
         file.write_text(json.dumps(timings, indent=1))
 
     def data_overrides(self, num_stages: int) -> list[str]:
-        """The training data of every stage: the train split's token arrays (recipes: type tokens)."""
-        return [f"stages.{i}.data.sources.0.path={self.data / 'train.bin'}" for i in range(num_stages)]
+        """The training data of every stage (recipes: two sources of type tokens): the train split's token arrays,
+        and the retrieval documents of study.py text (4x in the last stage of a student, the long one)."""
+        overrides = []
+        for i in range(num_stages):
+            retrieval = "retrieval_4x" if num_stages > 1 and i == num_stages - 1 else "retrieval_1x"
+            overrides += [f"stages.{i}.data.sources.0.path={self.data / 'train.bin'}",
+                          f"stages.{i}.data.sources.1.path={self.text / (retrieval + '.bin')}"]
+        return overrides
 
     def train(self, overrides: list[str]) -> None:
         """The trainer of `python -m sala_train.train`, with the same resolved config written to the run."""
@@ -171,7 +184,7 @@ class Study:
         arrays themselves."""
         from sala_train.tokenizer import load_tokenizer
 
-        if (self.text / "done").exists():
+        if (self.text / "done").exists() and (self.text / "retrieval_4x.idx").exists():
             return
         meta_file = self.data / "meta.json"
         if not meta_file.exists():
@@ -191,6 +204,14 @@ class Study:
             if split == "train":  # HALO's alignment and sweep text: every k-th document (both sources, all topics)
                 stride = max(1, math.ceil(sum(map(len, texts)) / self.scale.select_chars))
                 (self.text / "select.txt").write_text("\n\n".join(texts[::stride]))
+                length = self.scale.teacher_len
+                for name, count, lo, hi, seed in (("retrieval_1x", self.scale.retrieval_docs[0], length // 16, length,
+                                                   7), ("retrieval_4x", self.scale.retrieval_docs[1], length,
+                                                        4 * length, 8)):
+                    docs = retrieval_documents(tokenizer, texts, count, lo, hi, seed)
+                    write_token_arrays(docs, self.text / f"{name}.bin")
+                    print(f"{name}: {len(docs)} retrieval documents, {sum(map(len, docs))} tokens (train-split "
+                          f"haystacks of {lo}-{hi} tokens)", flush=True)
         shutil.copytree(self.data / "tokenizer", self.text / "tokenizer", dirs_exist_ok=True)
         (self.text / "done").write_text("")
 
@@ -280,6 +301,68 @@ class Study:
         (self.out / "results").mkdir(parents=True, exist_ok=True)
         (self.out / "results" / "study.json").write_text(json.dumps(study, indent=1))
         write_report(self.out / "results" / "study.json", self.doc)
+
+
+def retrieval_documents(tokenizer, texts: list[str], count: int, min_len: int, max_len: int,
+                        seed: int) -> list[list[int]]:
+    """Training documents in the evaluation's retrieval formats (layer_selection.tasks.hidden_fact_examples):
+    half passkey, half multi-key needles, each a haystack of train-split sentences of a random length in
+    [min_len, max_len] tokens with the asked fact at a random depth, the question and its answer at the end,
+    then </s>. A pretraining corpus of documentation never asks a question about its own text, so without
+    these no model of the study learns what the evaluation asks (the first run: every accuracy 0, the teacher's
+    too). Evaluation haystacks are held-out text and its numbers and seeds differ; the format is shared."""
+    chunks = [(seed * 1000 + c, start, min(RETRIEVAL_CHUNK, count - start)) for c, start in
+              enumerate(range(0, count, RETRIEVAL_CHUNK))]  # fixed chunks: the same documents on any machine
+    workers = min(len(chunks), os.cpu_count() or 1, 8)
+    if workers <= 1:
+        return [doc for chunk in chunks for doc in _retrieval_chunk(tokenizer, texts, min_len, max_len, *chunk)]
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(workers) as pool:
+        futures = [pool.submit(_retrieval_chunk, tokenizer, texts, min_len, max_len, *chunk) for chunk in chunks]
+        return [doc for future in futures for doc in future.result()]
+
+
+RETRIEVAL_CHUNK = 250  # retrieval documents per worker task
+
+
+def _retrieval_chunk(tokenizer, texts: list[str], min_len: int, max_len: int, seed: int, first: int,
+                     count: int) -> list[list[int]]:
+    """Documents first .. first + count - 1 of retrieval_documents (even: passkey, odd: multi-key)."""
+    import random
+
+    from sala_train.layer_selection.tasks import hidden_fact_examples
+
+    rng, docs = random.Random(seed), []
+    while len(docs) < count:
+        task = "passkey" if (first + len(docs)) % 2 == 0 else "multikey"
+        # log-uniform: many short documents (copying at short range, learned first), some of the longest
+        length = round(math.exp(rng.uniform(math.log(min_len), math.log(max_len))))
+        source, chars = [], 0  # random train documents, enough text for the haystack (about 4 characters a token)
+        while chars < 8 * max_len and len(source) < len(texts):
+            source.append(texts[rng.randrange(len(texts))])
+            chars += len(source[-1])
+        depth, best, draws = rng.random(), None, 0
+        while draws < 20:  # a haystack holds at least one sentence, so a long one overshoots: the shortest of 20
+            try:
+                example, = hidden_fact_examples(tokenizer, source, 1, length, depth, rng.randrange(2**31), task=task)
+            except ValueError:  # the question and needles alone fill `length`: longer, else a passkey
+                if length >= max_len and task == "passkey":
+                    raise
+                task, length = (task, min(2 * length, max_len)) if length < max_len else ("passkey", min_len)
+                continue
+            draws += 1
+            best = example if best is None or len(example.ids) < len(best.ids) else best
+            if len(best.ids) <= max_len:
+                break
+        docs.append(best.ids + [tokenizer.eos_token_id])
+    return docs
+
+
+def write_token_arrays(docs: list[list[int]], path: Path) -> None:
+    """<name>.bin (uint16 ids back to back) and <name>.idx (int64 offsets): a `type: tokens` source."""
+    np.concatenate([np.asarray(d, dtype=np.uint16) for d in docs]).tofile(path)
+    np.cumsum([0] + [len(d) for d in docs], dtype=np.int64).tofile(path.with_suffix(".idx"))
 
 
 def _read(path: Path):

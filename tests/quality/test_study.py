@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from sala_train.layer_selection.tasks import hidden_fact_examples
@@ -84,6 +85,20 @@ def test_tiny_study_end_to_end(tmp_path):
 
     text = (out / "text" / "heldout.jsonl").read_text().splitlines()
     assert len(text) == meta["splits"]["heldout"]["documents"]
+    # the retrieval documents the teacher and students train on: the evaluation's formats, train-split haystacks
+    tokenizer = load_tokenizer(out / "text" / "tokenizer")
+    for name, (lo, hi), count in (("retrieval_1x", (16, 64), 24), ("retrieval_4x", (64, 256), 8)):
+        offsets = np.fromfile(out / "text" / f"{name}.idx", dtype=np.int64)
+        tokens = np.fromfile(out / "text" / f"{name}.bin", dtype=np.uint16)
+        assert len(offsets) == count + 1 and offsets[-1] == len(tokens)
+        lengths = offsets[1:] - offsets[:-1]
+        # at most max_len + </s>, but a haystack holds at least one sentence, and the toy corpus's sentences are
+        # long for the toy lengths: bounded overshoot
+        assert lengths.min() >= 1 + 30 and lengths.max() <= 2 * hi, lengths
+        for a, b in zip(offsets[:-1], offsets[1:]):
+            assert tokens[a] == tokenizer.bos_token_id and tokens[b - 1] == tokenizer.eos_token_id
+        decoded = tokenizer.decode(tokens[offsets[0] : offsets[1]].tolist(), skip_special_tokens=True)
+        assert "What is the pass key? The pass key is" in decoded, decoded
     for name in ("teacher", "halo_forced", "halo_free", "evenly", "all_lightning"):
         result = json.loads((out / "results" / f"{name}.json").read_text())
         assert set(result["loss"]) == {"1", "2", "4", "8"}, name
@@ -116,3 +131,31 @@ def test_tiny_study_end_to_end(tmp_path):
     run("study.py", "report", "--from-json", out / "results" / "study.json", "--out", tmp_path / "nothing", "--doc",
         report_only, cwd=tmp_path)
     assert "| teacher | `dense (RoPE)` | 1.234 |" in report_only.read_text()
+
+
+def test_retrieval_documents_mix_both_formats_within_their_lengths(monkeypatch):
+    """The retrieval training documents: passkey and multi-key alternating, every one within [BOS ... </s>] of at
+    most max_len + 1 tokens, lengths spread over the range; the same documents whatever the number of workers."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quality_study", QUALITY / "study.py")
+    study = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "quality_study", study)  # (dataclasses and worker processes look it up)
+    spec.loader.exec_module(study)
+    tokenizer = load_tokenizer()
+    texts = [p for p in DEFAULT_SAMPLE_TEXT.read_text().split("\n\n") if p.strip()]
+    monkeypatch.setattr(study, "RETRIEVAL_CHUNK", 5)
+    monkeypatch.setattr(study.os, "cpu_count", lambda: 1)
+    docs = study.retrieval_documents(tokenizer, texts, 12, 128, 512, seed=3)
+    assert len(docs) == 12
+    lengths = [len(d) for d in docs]
+    assert max(lengths) <= 513 and min(lengths) < 300 < max(lengths), lengths
+    for i, doc in enumerate(docs):
+        assert doc[0] == tokenizer.bos_token_id and doc[-1] == tokenizer.eos_token_id
+        text = tokenizer.decode(doc, skip_special_tokens=True)
+        question = "What is the pass key?" if i % 2 == 0 else "What is the special magic number for"
+        assert question in text, text[-200:]
+        answer = text.rsplit(" is ", 1)[1].strip()
+        assert answer.isdigit() and text.count(answer) >= 2  # the answer is in the haystack
+    monkeypatch.setattr(study.os, "cpu_count", lambda: 2)  # two worker processes, chunks of 5: the same documents
+    assert study.retrieval_documents(tokenizer, texts, 12, 128, 512, seed=3) == docs
