@@ -421,34 +421,71 @@ def evaluate_model(name: str, path: Path, study: Study) -> dict:
     result = {"model": name, "path": str(path), "teacher_len": length, "device": str(study.device),
               "mixer_types": config.get("mixer_types"), "sparse_config": config.get("sparse_config"),
               "parameters": sum(p.numel() for p in model.parameters()),
-              "loss": {}, "accuracy": {}, "logprob": {}, "cost": {}}
+              "loss": {}, "accuracy": {}, "logprob": {}, "logprob_control": {}, "cost": {}}
     for multiple in LOSS_MULTIPLES:
         seq_len = multiple * length
         if stream.numel() >= seq_len:
             result["loss"][str(multiple)] = HeldoutLoss(stream, seq_len, stream.numel() // seq_len, 1)(
                 model, tokenizer)["loss"]
     for t, task in enumerate(RETRIEVAL_TASKS):
-        result["accuracy"][task], result["logprob"][task] = {}, {}
+        result["accuracy"][task], result["logprob"][task], result["logprob_control"][task] = {}, {}, {}
         for multiple in RETRIEVAL_MULTIPLES:
-            accuracy, logprob = {}, {}
+            accuracy, logprob, control = {}, {}, {}
             for depth in study.scale.depths:
                 seed = 100_000 * t + 100 * multiple + DEPTHS.index(depth)  # the same examples for every model
                 try:
                     examples = hidden_fact_examples(tokenizer, texts, study.scale.examples, multiple * length, depth,
                                                     seed, task=task)
                 except ValueError:  # the question and needles alone fill the context (tiny scale): not measured
-                    accuracy[str(depth)] = logprob[str(depth)] = None
+                    accuracy[str(depth)] = logprob[str(depth)] = control[str(depth)] = None
                     continue
                 scores = score_answers(model, examples, 1, pad)
                 accuracy[str(depth)], logprob[str(depth)] = scores["exact_match"], scores["logprob"]
+                control[str(depth)] = score_answers(model, control_examples(tokenizer, examples, seed), 1,
+                                                    pad)["logprob"]
             result["accuracy"][task][str(multiple)] = accuracy
             result["logprob"][task][str(multiple)] = logprob
+            result["logprob_control"][task][str(multiple)] = control
     for multiple in RETRIEVAL_MULTIPLES:
         result["cost"][str(multiple)] = forward_cost(model, multiple * length, len(tokenizer), study.device,
                                                      study.scale.timing_repeats)
     result["seconds"] = round(time.perf_counter() - started, 1)
-    print(f"evaluated {name}: loss {result['loss']} in {result['seconds']} s", flush=True)
+    summary = {f"{task} {m}x": (_fmt(_mean_accuracy(result, task, m), ".2f"), _fmt(_mean_gain(result, task, m), ".2f"))
+               for task in RETRIEVAL_TASKS for m in (1, 4)}
+    print(f"evaluated {name}: loss {result['loss']}; (accuracy, needle gain) {summary} in {result['seconds']} s",
+          flush=True)
     return result
+
+
+def control_examples(tokenizer, examples: list, seed: int) -> list:
+    """The same prompts ending in a wrong answer: a random number of as many digits as the true one, found nowhere
+    in the prompt. logprob(true) - logprob(control) is the needle gain: how much the hidden fact raised the
+    answer's probability. It is about 0 for a model that ignores the context and grows with retrieval, so it
+    tells models apart where exact-match accuracy is 0 for all of them."""
+    import random
+
+    from sala_train.layer_selection.tasks import RecallExample
+
+    rng, out = random.Random(seed + 7), []
+    for example in examples:
+        (a, b), = example.answers
+        true = tokenizer.decode(example.ids[a:b]).strip()
+        prompt = tokenizer.decode(example.ids[:a])
+        while True:
+            number = str(rng.randint(10 ** (len(true) - 1), 10 ** len(true) - 1))
+            if number != true and number not in prompt:
+                break
+        wrong = tokenizer(f" {number}", add_special_tokens=False)["input_ids"]
+        out.append(RecallExample(example.ids[:a] + wrong, [(a, a + len(wrong))]))
+    return out
+
+
+def _mean_gain(result: dict, task: str, multiple: int) -> float | None:
+    """Mean over depths of logprob(true answer) - logprob(control answer), nats per answer token."""
+    true = result["logprob"].get(task, {}).get(str(multiple), {})
+    control = result.get("logprob_control", {}).get(task, {}).get(str(multiple), {})
+    gains = [true[d] - control[d] for d in true if true[d] is not None and control.get(d) is not None]
+    return sum(gains) / len(gains) if gains else None
 
 
 # -- report (from study.json alone) -------------------------------------------------------------------------
@@ -499,6 +536,14 @@ def write_report(study_file: Path, doc: Path) -> None:
         for name, r in models.items():
             by_depth = r["accuracy"].get(task, {}).get("4", {})
             lines.append(f"| {name} | " + " | ".join(_fmt(by_depth.get(str(d)), ".2f") for d in DEPTHS) + " |")
+        if any("logprob_control" in r for r in models.values()):
+            lines += ["", f"{task} needle gain by length (nats per answer token: log-probability of the true answer "
+                      "minus that of a random number of as many digits; 0 = the fact is not used; mean over depths):",
+                      "", "| model | " + " | ".join(f"{m}x" for m in RETRIEVAL_MULTIPLES) + " |",
+                      "|---|" + "---|" * len(RETRIEVAL_MULTIPLES)]
+            for name, r in models.items():
+                lines.append(f"| {name} | " + " | ".join(_fmt(_mean_gain(r, task, m), ".2f")
+                                                         for m in RETRIEVAL_MULTIPLES) + " |")
     lines += ["", "### Cost of a prefill through the backbone (batch 1; memory: peak above the weights)", "",
               "| model | " + " | ".join(f"{m}x us/token | {m}x bytes/token" for m in RETRIEVAL_MULTIPLES) + " |",
               "|---|" + "---|---|" * len(RETRIEVAL_MULTIPLES)]
@@ -547,8 +592,14 @@ def goal_lines(models: dict) -> list[str]:
                 mine, theirs = _mean_accuracy(models[name], task, 4), _mean_accuracy(models[other], task, 4)
                 verdict = "not measured" if mine is None or theirs is None else \
                     ("met" if better(mine, theirs) else "missed")
+                if mine == theirs == 0:
+                    verdict = "not measured (no model retrieved)"
+                gain = ""
+                if "logprob_control" in models[name] and "logprob_control" in models[other]:
+                    gain = (f"; needle gain {_fmt(_mean_gain(models[name], task, 4), '.2f')} vs "
+                            f"{_fmt(_mean_gain(models[other], task, 4), '.2f')} nats/token")
                 lines.append(f"- {task} at 4x: {name} {_fmt(mine, '.2f')} vs {other} {_fmt(theirs, '.2f')} "
-                             f"(goal: {goal}): {verdict}")
+                             f"(goal: {goal}): {verdict}{gain}")
     return lines
 
 

@@ -104,6 +104,7 @@ def test_tiny_study_end_to_end(tmp_path):
         assert set(result["loss"]) == {"1", "2", "4", "8"}, name
         assert all(0 < v < 20 for v in result["loss"].values()), (name, result["loss"])
         assert set(result["accuracy"]) == {"passkey", "multikey"}
+        assert set(result["logprob_control"]) == {"passkey", "multikey"}
         assert set(result["cost"]) == {"1", "2", "4", "8", "16"}
     plans = {v: json.loads((out / "plans" / f"{v}.json").read_text()) for v in ("halo_forced", "halo_free",
                                                                                  "evenly", "all_lightning")}
@@ -133,15 +134,39 @@ def test_tiny_study_end_to_end(tmp_path):
     assert "| teacher | `dense (RoPE)` | 1.234 |" in report_only.read_text()
 
 
-def test_retrieval_documents_mix_both_formats_within_their_lengths(monkeypatch):
-    """The retrieval training documents: passkey and multi-key alternating, every one within [BOS ... </s>] of at
-    most max_len + 1 tokens, lengths spread over the range; the same documents whatever the number of workers."""
+def load_study(monkeypatch):
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("quality_study", QUALITY / "study.py")
     study = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "quality_study", study)  # (dataclasses and worker processes look it up)
     spec.loader.exec_module(study)
+    return study
+
+
+def test_control_examples_swap_the_answer_for_a_number_not_in_the_prompt(monkeypatch):
+    study = load_study(monkeypatch)
+    tokenizer = load_tokenizer()
+    texts = [p for p in DEFAULT_SAMPLE_TEXT.read_text().split("\n\n") if p.strip()][:50]
+    for task, digits in (("passkey", 5), ("multikey", 7)):
+        examples = hidden_fact_examples(tokenizer, texts, 6, 400, 0.5, seed=1, task=task)
+        controls = study.control_examples(tokenizer, examples, seed=1)
+        for example, control in zip(examples, controls):
+            (a, b), = example.answers
+            (c, d), = control.answers
+            assert c == a and control.ids[:a] == example.ids[:a] and d == len(control.ids)
+            true, wrong = (tokenizer.decode(ids[a:]).strip() for ids in (example.ids, control.ids))
+            assert len(true) == len(wrong) == digits and wrong.isdigit() and wrong != true
+            assert wrong not in tokenizer.decode(example.ids[:a])
+    result = {"logprob": {"passkey": {"4": {"0.0": -1.0, "0.5": -2.0, "1.0": None}}},
+              "logprob_control": {"passkey": {"4": {"0.0": -3.0, "0.5": -3.0, "1.0": None}}}}
+    assert study._mean_gain(result, "passkey", 4) == 1.5 and study._mean_gain(result, "multikey", 4) is None
+
+
+def test_retrieval_documents_mix_both_formats_within_their_lengths(monkeypatch):
+    """The retrieval training documents: passkey and multi-key alternating, every one within [BOS ... </s>] of at
+    most max_len + 1 tokens, lengths spread over the range; the same documents whatever the number of workers."""
+    study = load_study(monkeypatch)
     tokenizer = load_tokenizer()
     texts = [p for p in DEFAULT_SAMPLE_TEXT.read_text().split("\n\n") if p.strip()]
     monkeypatch.setattr(study, "RETRIEVAL_CHUNK", 5)
