@@ -72,6 +72,7 @@ class Scale:
     # students' long stage); lengths log-uniform. The recipes mix them in by token weight
     # (recipes/experiment/quality_*.yaml).
     retrieval_docs: tuple = (16000, 240)
+    copy_docs: int = 8000  # <s> span span </s> documents of random ids (study.py text -> text/copy.bin)
 
 
 SCALES = {
@@ -102,6 +103,7 @@ SCALES = {
                        "window_size": 32, "topk": 2, "dense_len": 128},
         select_chars=100_000,
         retrieval_docs=(24, 8),
+        copy_docs=16,
         depths=(0.0, 0.5, 1.0),
         heldout_tokens=2048,
         examples=1,
@@ -141,12 +143,15 @@ class Study:
 
     def data_overrides(self, num_stages: int) -> list[str]:
         """The training data of every stage (recipes: two sources of type tokens): the train split's token arrays,
-        and the retrieval documents of study.py text (4x in the last stage of a student, the long one)."""
+        the retrieval documents of study.py text (4x in the last stage of a student, the long one) and, but in that
+        stage, its copy documents."""
         overrides = []
         for i in range(num_stages):
-            retrieval = "retrieval_4x" if num_stages > 1 and i == num_stages - 1 else "retrieval_1x"
+            long = num_stages > 1 and i == num_stages - 1
             overrides += [f"stages.{i}.data.sources.0.path={self.data / 'train.bin'}",
-                          f"stages.{i}.data.sources.1.path={self.text / (retrieval + '.bin')}"]
+                          f"stages.{i}.data.sources.1.path={self.text / ('retrieval_4x.bin' if long else 'retrieval_1x.bin')}"]
+            if not long:
+                overrides.append(f"stages.{i}.data.sources.2.path={self.text / 'copy.bin'}")
         return overrides
 
     def train(self, overrides: list[str]) -> None:
@@ -184,7 +189,7 @@ class Study:
         arrays themselves."""
         from sala_train.tokenizer import load_tokenizer
 
-        if (self.text / "done").exists() and (self.text / "retrieval_4x.idx").exists():
+        if (self.text / "done").exists() and (self.text / "copy.idx").exists():
             return
         meta_file = self.data / "meta.json"
         if not meta_file.exists():
@@ -212,6 +217,10 @@ class Study:
                     write_token_arrays(docs, self.text / f"{name}.bin")
                     print(f"{name}: {len(docs)} retrieval documents, {sum(map(len, docs))} tokens (train-split "
                           f"haystacks of {lo}-{hi} tokens)", flush=True)
+                docs = copy_documents(len(tokenizer), self.scale.copy_docs, 8, length // 2 - 1, tokenizer.bos_token_id,
+                                      tokenizer.eos_token_id, seed=9)
+                write_token_arrays(docs, self.text / "copy.bin")
+                print(f"copy: {len(docs)} documents, {sum(map(len, docs))} tokens", flush=True)
         shutil.copytree(self.data / "tokenizer", self.text / "tokenizer", dirs_exist_ok=True)
         (self.text / "done").write_text("")
 
@@ -356,6 +365,21 @@ def _retrieval_chunk(tokenizer, texts: list[str], min_len: int, max_len: int, se
             if len(best.ids) <= max_len:
                 break
         docs.append(best.ids + [tokenizer.eos_token_id])
+    return docs
+
+
+def copy_documents(vocab_size: int, count: int, min_span: int, max_span: int, bos: int, eos: int,
+                   seed: int) -> list[list[int]]:
+    """<s> span span </s> with span random token ids (log-uniform length in [min_span, max_span]): the second copy is
+    predictable only by attending back to the first. A few percent of these in the teacher's data make copying,
+    which retrieval needs, something it learns early (the first run's teacher never did). On pure span-span
+    sequences a 4-layer study model with the trainer's muP AdamW at 1e-2 learns to copy within about 400 steps
+    (docs/quality.md, "What changed for run 2")."""
+    rng, docs = np.random.default_rng(seed), []
+    for _ in range(count):
+        span = int(round(math.exp(rng.uniform(math.log(min_span), math.log(max_span)))))
+        ids = rng.integers(5, vocab_size, span).tolist()  # ids below 5: special tokens
+        docs.append([bos, *ids, *ids, eos])
     return docs
 
 

@@ -87,6 +87,7 @@ def test_tiny_study_end_to_end(tmp_path):
     assert len(text) == meta["splits"]["heldout"]["documents"]
     # the retrieval documents the teacher and students train on: the evaluation's formats, train-split haystacks
     tokenizer = load_tokenizer(out / "text" / "tokenizer")
+    assert len(np.fromfile(out / "text" / "copy.idx", dtype=np.int64)) == 16 + 1
     for name, (lo, hi), count in (("retrieval_1x", (16, 64), 24), ("retrieval_4x", (64, 256), 8)):
         offsets = np.fromfile(out / "text" / f"{name}.idx", dtype=np.int64)
         tokens = np.fromfile(out / "text" / f"{name}.bin", dtype=np.uint16)
@@ -184,3 +185,16 @@ def test_retrieval_documents_mix_both_formats_within_their_lengths(monkeypatch):
         assert answer.isdigit() and text.count(answer) >= 2  # the answer is in the haystack
     monkeypatch.setattr(study.os, "cpu_count", lambda: 2)  # two worker processes, chunks of 5: the same documents
     assert study.retrieval_documents(tokenizer, texts, 12, 128, 512, seed=3) == docs
+
+
+def test_copy_documents_repeat_a_random_span(monkeypatch):
+    study = load_study(monkeypatch)
+    docs = study.copy_documents(512, 40, 8, 100, bos=1, eos=2, seed=0)
+    assert docs == study.copy_documents(512, 40, 8, 100, bos=1, eos=2, seed=0)  # deterministic
+    spans = []
+    for doc in docs:
+        assert doc[0] == 1 and doc[-1] == 2 and len(doc) % 2 == 0
+        span = doc[1 : len(doc) // 2]
+        assert doc[len(doc) // 2 : -1] == span and 8 <= len(span) <= 100 and min(span) >= 5 and max(span) < 512
+        spans.append(len(span))
+    assert min(spans) < 30 < max(spans)  # log-uniform: short and long
