@@ -72,7 +72,7 @@ class Scale:
     # students' long stage); lengths log-uniform. The recipes mix them in by token weight
     # (recipes/experiment/quality_*.yaml).
     retrieval_docs: tuple = (16000, 240)
-    copy_docs: int = 8000  # <s> span span </s> documents of random ids (study.py text -> text/copy.bin)
+    copy_docs: int = 20000  # <s> span span </s> documents of random ids (study.py text -> text/copy.bin)
 
 
 SCALES = {
@@ -89,9 +89,9 @@ SCALES = {
         make_teacher=["model.hidden_size=64", "model.intermediate_size=128", "model.num_hidden_layers=8",
                       "model.num_attention_heads=2", "model.num_key_value_heads=1", "model.head_dim=32",
                       "model.dim_model_base=16"],
-        teacher=["stages.0.seq_len=64", "stages.0.tokens=4096", "stages.0.global_batch_tokens=512",
-                 "stages.0.micro_batch_size=8", "stages.0.save_every=4", "stages.0.schedule.warmup_steps=1",
-                 "logging.progress=false"],
+        teacher=[f"stages.{i}.{key}" for i in range(2) for key in (
+            "seq_len=64", "global_batch_tokens=512", "micro_batch_size=8", "save_every=4", "schedule.warmup_steps=1")]
+        + ["stages.0.tokens=1024", "stages.1.tokens=3072", "logging.progress=false"],
         student=[f"stages.{i}.{key}" for i in range(3) for key in (
             "seq_len=64", "tokens=512", "global_batch_tokens=256", "micro_batch_size=4", "schedule.warmup_steps=0")]
         + ["stages.3.seq_len=256", "stages.3.tokens=512", "stages.3.global_batch_tokens=256",
@@ -141,18 +141,15 @@ class Study:
         timings[step] = round(timings.get(step, 0.0) + seconds, 1)  # summed over resumed commands
         file.write_text(json.dumps(timings, indent=1))
 
-    def data_overrides(self, num_stages: int) -> list[str]:
-        """The training data of every stage (recipes: two sources of type tokens): the train split's token arrays,
-        the retrieval documents of study.py text (4x in the last stage of a student, the long one) and, but in that
-        stage, its copy documents."""
-        overrides = []
-        for i in range(num_stages):
-            long = num_stages > 1 and i == num_stages - 1
-            overrides += [f"stages.{i}.data.sources.0.path={self.data / 'train.bin'}",
-                          f"stages.{i}.data.sources.1.path={self.text / ('retrieval_4x.bin' if long else 'retrieval_1x.bin')}"]
-            if not long:
-                overrides.append(f"stages.{i}.data.sources.2.path={self.text / 'copy.bin'}")
-        return overrides
+    def data_overrides(self, stages: list[tuple[str, ...]]) -> list[str]:
+        """The paths of every stage's data sources, in the recipe's order: "train" (the train split's token
+        arrays, prepare_corpus.py) or a document set of study.py text ("retrieval_1x", "retrieval_4x", "copy")."""
+        return [f"stages.{i}.data.sources.{j}.path="
+                f"{self.data / 'train.bin' if name == 'train' else self.text / (name + '.bin')}"
+                for i, names in enumerate(stages) for j, name in enumerate(names)]
+
+    TEACHER_DATA = [("train", "copy"), ("train", "retrieval_1x", "copy")]  # recipes/experiment/quality_teacher.yaml
+    STUDENT_DATA = [("train", "retrieval_1x", "copy")] * 3 + [("train", "retrieval_4x")]  # .../quality_student.yaml
 
     def train(self, overrides: list[str]) -> None:
         """The trainer of `python -m sala_train.train`, with the same resolved config written to the run."""
@@ -238,7 +235,7 @@ class Study:
             spec = OmegaConf.to_object(cfg.model)
             make_teacher(spec.to_hf_config(), init, tokenizer_dir=cfg.tokenizer, progress=False)
         self.train(["+experiment=quality_teacher", f"student={init}", f"run_dir={self.out / 'teacher'}",
-                    *self.data_overrides(1), *self.scale.teacher])
+                    *self.data_overrides(self.TEACHER_DATA), *self.scale.teacher])
 
     def step_select(self) -> None:
         """HALO once (alignment + sweep), then the plan with and without forced layers from the same sweep;
@@ -284,7 +281,7 @@ class Study:
             return
         self.train(["+experiment=quality_student", f"student={self.out / 'students' / variant}",
                     f"teacher={self.teacher_dir}", f"run_dir={self.out / 'train' / variant}",
-                    *self.data_overrides(4), *self.scale.student])
+                    *self.data_overrides(self.STUDENT_DATA), *self.scale.student])
 
     def step_evaluate(self, name: str, force: bool = False) -> None:
         result_file = self.out / "results" / f"{name}.json"
