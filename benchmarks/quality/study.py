@@ -148,7 +148,7 @@ class Study:
                 f"{self.data / 'train.bin' if name == 'train' else self.text / (name + '.bin')}"
                 for i, names in enumerate(stages) for j, name in enumerate(names)]
 
-    TEACHER_DATA = [("train", "copy"), ("train", "retrieval_1x", "copy")]  # recipes/experiment/quality_teacher.yaml
+    TEACHER_DATA = [("copy",), ("train", "retrieval_1x", "copy")]  # recipes/experiment/quality_teacher.yaml
     STUDENT_DATA = [("train", "retrieval_1x", "copy")] * 3 + [("train", "retrieval_4x")]  # .../quality_student.yaml
 
     def train(self, overrides: list[str]) -> None:
