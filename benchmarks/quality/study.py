@@ -141,15 +141,15 @@ class Study:
         timings[step] = round(timings.get(step, 0.0) + seconds, 1)  # summed over resumed commands
         file.write_text(json.dumps(timings, indent=1))
 
-    def data_overrides(self, stages: list[tuple[str, ...]]) -> list[str]:
+    def data_overrides(self, stages: tuple[tuple[str, ...], ...]) -> list[str]:
         """The paths of every stage's data sources, in the recipe's order: "train" (the train split's token
         arrays, prepare_corpus.py) or a document set of study.py text ("retrieval_1x", "retrieval_4x", "copy")."""
         return [f"stages.{i}.data.sources.{j}.path="
                 f"{self.data / 'train.bin' if name == 'train' else self.text / (name + '.bin')}"
                 for i, names in enumerate(stages) for j, name in enumerate(names)]
 
-    TEACHER_DATA = [("copy",), ("train", "retrieval_1x", "copy")]  # recipes/experiment/quality_teacher.yaml
-    STUDENT_DATA = [("train", "retrieval_1x", "copy")] * 3 + [("train", "retrieval_4x")]  # .../quality_student.yaml
+    TEACHER_DATA = (("copy",), ("train", "retrieval_1x", "copy"))  # recipes/experiment/quality_teacher.yaml
+    STUDENT_DATA = (("train", "retrieval_1x", "copy"),) * 3 + (("train", "retrieval_4x"),)  # .../quality_student.yaml
 
     def train(self, overrides: list[str]) -> None:
         """The trainer of `python -m sala_train.train`, with the same resolved config written to the run."""
@@ -206,20 +206,24 @@ class Study:
             if split == "train":  # HALO's alignment and sweep text: every k-th document (both sources, all topics)
                 stride = max(1, math.ceil(sum(map(len, texts)) / self.scale.select_chars))
                 (self.text / "select.txt").write_text("\n\n".join(texts[::stride]))
-                length = self.scale.teacher_len
-                for name, count, lo, hi, seed in (("retrieval_1x", self.scale.retrieval_docs[0], length // 16, length,
-                                                   7), ("retrieval_4x", self.scale.retrieval_docs[1], length,
-                                                        4 * length, 8)):
-                    docs = retrieval_documents(tokenizer, texts, count, lo, hi, seed)
-                    write_token_arrays(docs, self.text / f"{name}.bin")
-                    print(f"{name}: {len(docs)} retrieval documents, {sum(map(len, docs))} tokens (train-split "
-                          f"haystacks of {lo}-{hi} tokens)", flush=True)
-                docs = copy_documents(len(tokenizer), self.scale.copy_docs, 8, length // 2 - 1, tokenizer.bos_token_id,
-                                      tokenizer.eos_token_id, seed=9)
-                write_token_arrays(docs, self.text / "copy.bin")
-                print(f"copy: {len(docs)} documents, {sum(map(len, docs))} tokens", flush=True)
+                self.write_training_documents(tokenizer, texts)
         shutil.copytree(self.data / "tokenizer", self.text / "tokenizer", dirs_exist_ok=True)
         (self.text / "done").write_text("")
+
+    def write_training_documents(self, tokenizer, texts: list[str]) -> None:
+        """retrieval_1x, retrieval_4x and copy (<name>.bin/.idx in text/): the document sets the recipes mix into
+        the teacher's and the students' data, the retrieval haystacks from the train split's ``texts``."""
+        length = self.scale.teacher_len
+        for name, count, lo, hi, seed in (("retrieval_1x", self.scale.retrieval_docs[0], length // 16, length, 7),
+                                          ("retrieval_4x", self.scale.retrieval_docs[1], length, 4 * length, 8)):
+            docs = retrieval_documents(tokenizer, texts, count, lo, hi, seed)
+            write_id_arrays(docs, self.text / f"{name}.bin")
+            print(f"{name}: {len(docs)} retrieval documents, {sum(map(len, docs))} tokens (train-split haystacks "
+                  f"of {lo}-{hi} tokens)", flush=True)
+        docs = copy_documents(len(tokenizer), self.scale.copy_docs, 8, length // 2 - 1, tokenizer.bos_token_id,
+                              tokenizer.eos_token_id, seed=9)
+        write_id_arrays(docs, self.text / "copy.bin")
+        print(f"copy: {len(docs)} documents, {sum(map(len, docs))} tokens", flush=True)
 
     def step_teacher(self) -> None:
         from omegaconf import OmegaConf
@@ -374,14 +378,15 @@ def copy_documents(vocab_size: int, count: int, min_span: int, max_span: int, bo
     (docs/quality.md, "What changed for run 2")."""
     rng, docs = np.random.default_rng(seed), []
     for _ in range(count):
-        span = int(round(math.exp(rng.uniform(math.log(min_span), math.log(max_span)))))
+        span = round(math.exp(rng.uniform(math.log(min_span), math.log(max_span))))
         ids = rng.integers(5, vocab_size, span).tolist()  # ids below 5: special tokens
         docs.append([bos, *ids, *ids, eos])
     return docs
 
 
-def write_token_arrays(docs: list[list[int]], path: Path) -> None:
-    """<name>.bin (uint16 ids back to back) and <name>.idx (int64 offsets): a `type: tokens` source."""
+def write_id_arrays(docs: list[list[int]], path: Path) -> None:
+    """<name>.bin (uint16 ids back to back) and <name>.idx (int64 offsets) of documents already tokenized: a
+    `type: tokens` source (sala_train.data.pretokenize.write_token_arrays writes one from a text source)."""
     np.concatenate([np.asarray(d, dtype=np.uint16) for d in docs]).tofile(path)
     np.cumsum([0] + [len(d) for d in docs], dtype=np.int64).tofile(path.with_suffix(".idx"))
 
@@ -735,25 +740,23 @@ def main(argv=None) -> None:
         if args.step == step and wrong:
             parser.error(f"{step} {' '.join(wrong)}: expected all or some of {', '.join(allowed)}")
     whole = args.step == "all" or "all" in args.targets
-    steps = ("text", "teacher", "select", "convert", "train", "evaluate", "report") if args.step == "all" else (args.step,)
-    for step in steps:
+    if args.step == "all":  # the teacher is evaluated right after its pretraining: does it retrieve at all?
+        plan = [("text", ()), ("teacher", ()), ("evaluate", ("teacher",)), ("select", ()), ("convert", ()),
+                ("train", VARIANTS), ("evaluate", VARIANTS), ("report", ())]
+    else:
+        plan = [(args.step, {"train": VARIANTS, "evaluate": MODELS}.get(args.step, ()) if whole else args.targets)]
+    for step, targets in plan:
         started = time.perf_counter()
         if step == "train":
-            for variant in VARIANTS if whole else args.targets:
+            for variant in targets:
                 study.step_train(variant)
         elif step == "evaluate":
-            for name in MODELS if whole else args.targets:
+            for name in targets:
                 study.step_evaluate(name, force=args.force)
         else:
             getattr(study, f"step_{step}")()
-            if step == "teacher" and args.step == "all":  # the teacher's numbers first: does it retrieve at all?
-                study.record_time(step, time.perf_counter() - started)
-                started = time.perf_counter()
-                study.step_evaluate("teacher")
-                step = "evaluate"
-        label = step if whole or step not in ("train", "evaluate") else f"{step} {' '.join(args.targets)}"
+        label = step if whole or step not in ("train", "evaluate") else f"{step} {' '.join(targets)}"
         study.record_time(label, time.perf_counter() - started)
-
 
 if __name__ == "__main__":
     main()

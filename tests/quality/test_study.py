@@ -153,7 +153,7 @@ def test_control_examples_swap_the_answer_for_a_number_not_in_the_prompt(monkeyp
         examples = hidden_fact_examples(tokenizer, texts, 6, 400, 0.5, seed=1, task=task)
         controls = study.control_examples(tokenizer, examples, seed=1)
         for example, control in zip(examples, controls):
-            (a, b), = example.answers
+            (a, _), = example.answers
             (c, d), = control.answers
             assert c == a and control.ids[:a] == example.ids[:a] and d == len(control.ids)
             true, wrong = (tokenizer.decode(ids[a:]).strip() for ids in (example.ids, control.ids))
