@@ -5,6 +5,8 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
+# PYTHONSAFEPATH=1: the checkout's top-level kernels/ must not shadow the PyPI package `kernels`, which
+# transformers (5.25 and newer) imports; python -m would put the checkout first on sys.path.
 # CPU torch wheel first (unpinned, pip would pull several GB of CUDA wheels), triton paired with it.
 TORCH_PINS := torch==2.13.0 triton==3.7.1
 DEMO_DIR ?= runs/demo
@@ -25,7 +27,7 @@ demo: venv
 	PYTHONSAFEPATH=1 $(PY) -m sala_train.demo $(DEMO_DIR)
 
 test: venv
-	$(PY) -m pytest -q -m "not gpu and not multi_gpu" $(PYTEST_ARGS)
+	PYTHONSAFEPATH=1 $(PY) -m pytest -q -m "not gpu and not multi_gpu" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs build dist *.egg-info

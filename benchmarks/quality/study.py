@@ -72,7 +72,10 @@ class Scale:
     # students' long stage); lengths log-uniform. The recipes mix them in by token weight
     # (recipes/experiment/quality_*.yaml).
     retrieval_docs: tuple = (16000, 240)
-    copy_docs: int = 20000  # <s> span span </s> documents of random ids (study.py text -> text/copy.bin)
+    # Copy documents (study.py text -> text/copy.bin): how many, each teacher_len tokens of <s> span span </s>
+    # units of random ids, the span lengths (log-uniform). The teacher's copy warm-up reads 16 a step.
+    copy_docs: int = 44000
+    copy_spans: tuple = (8, 64)
 
 
 SCALES = {
@@ -220,10 +223,11 @@ class Study:
             write_id_arrays(docs, self.text / f"{name}.bin")
             print(f"{name}: {len(docs)} retrieval documents, {sum(map(len, docs))} tokens (train-split haystacks "
                   f"of {lo}-{hi} tokens)", flush=True)
-        docs = copy_documents(len(tokenizer), self.scale.copy_docs, 8, length // 2 - 1, tokenizer.bos_token_id,
-                              tokenizer.eos_token_id, seed=9)
+        docs = copy_documents(len(tokenizer), self.scale.copy_docs, length, *self.scale.copy_spans,
+                              tokenizer.bos_token_id, tokenizer.eos_token_id, seed=9)
         write_id_arrays(docs, self.text / "copy.bin")
-        print(f"copy: {len(docs)} documents, {sum(map(len, docs))} tokens", flush=True)
+        print(f"copy: {len(docs)} documents of {length} tokens (copy units, spans of {self.scale.copy_spans[0]}-"
+              f"{self.scale.copy_spans[1]})", flush=True)
 
     def step_teacher(self) -> None:
         from omegaconf import OmegaConf
@@ -369,18 +373,33 @@ def _retrieval_chunk(tokenizer, texts: list[str], min_len: int, max_len: int, se
     return docs
 
 
-def copy_documents(vocab_size: int, count: int, min_span: int, max_span: int, bos: int, eos: int,
+def copy_units(vocab_size: int, min_span: int, max_span: int, bos: int, eos: int, rng) -> list[int]:
+    """One copy unit, <s> span span </s>, the span random token ids (log-uniform length in [min_span,
+    max_span]): its second copy is predictable only by attending back to the first."""
+    span = round(math.exp(rng.uniform(math.log(min_span), math.log(max_span))))
+    ids = rng.integers(5, vocab_size, span).tolist()  # ids below 5: special tokens
+    return [bos, *ids, *ids, eos]
+
+
+def copy_documents(vocab_size: int, count: int, length: int, min_span: int, max_span: int, bos: int, eos: int,
                    seed: int) -> list[list[int]]:
-    """<s> span span </s> with span random token ids (log-uniform length in [min_span, max_span]): the second copy is
-    predictable only by attending back to the first. A few percent of these in the teacher's data make copying,
-    which retrieval needs, something it learns early (the first run's teacher never did). On pure span-span
-    sequences a 4-layer study model with the trainer's muP AdamW at 1e-2 learns to copy within about 400 steps
-    (docs/quality.md, "What changed for run 2")."""
+    """``count`` documents of exactly ``length`` tokens, each copy units back to back (the last one cut), so that
+    one document fills one packed sequence and the trainer's attention runs one dense causal call per sequence.
+
+    Why this form (docs/quality.md, "Run 2" and "Run 3"): run 2's teacher trained 512 steps on single
+    <s> span span </s> documents (spans of 8-511 tokens, packed many to a sequence) and never learned to copy.
+    The pilot benchmarks/quality/copy_pilot.py, on this architecture and in this packed form, learned copying
+    only after about 1500 steps of 16K tokens at the muP LR 1e-2 with spans of 8-64 (none of 8-511 within 400
+    steps, nor at 3e-3 within 1500). A unit's span never crosses ``length // 2 - 1``."""
+    max_span = min(max_span, length // 2 - 1)
+    if max_span < min_span:
+        raise ValueError(f"copy_documents: length {length} leaves no room for spans of {min_span} tokens")
     rng, docs = np.random.default_rng(seed), []
     for _ in range(count):
-        span = round(math.exp(rng.uniform(math.log(min_span), math.log(max_span))))
-        ids = rng.integers(5, vocab_size, span).tolist()  # ids below 5: special tokens
-        docs.append([bos, *ids, *ids, eos])
+        doc: list[int] = []
+        while len(doc) < length:
+            doc += copy_units(vocab_size, min_span, max_span, bos, eos, rng)
+        docs.append(doc[:length])
     return docs
 
 

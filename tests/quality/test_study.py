@@ -187,14 +187,25 @@ def test_retrieval_documents_mix_both_formats_within_their_lengths(monkeypatch):
     assert study.retrieval_documents(tokenizer, texts, 12, 128, 512, seed=3) == docs
 
 
-def test_copy_documents_repeat_a_random_span(monkeypatch):
+def test_copy_documents_are_full_sequences_of_repeated_random_spans(monkeypatch):
     study = load_study(monkeypatch)
-    docs = study.copy_documents(512, 40, 8, 100, bos=1, eos=2, seed=0)
-    assert docs == study.copy_documents(512, 40, 8, 100, bos=1, eos=2, seed=0)  # deterministic
+    docs = study.copy_documents(512, 40, 300, 8, 100, bos=1, eos=2, seed=0)
+    assert docs == study.copy_documents(512, 40, 300, 8, 100, bos=1, eos=2, seed=0)  # deterministic
+    assert docs != study.copy_documents(512, 40, 300, 8, 100, bos=1, eos=2, seed=1)
     spans = []
     for doc in docs:
-        assert doc[0] == 1 and doc[-1] == 2 and len(doc) % 2 == 0
-        span = doc[1 : len(doc) // 2]
-        assert doc[len(doc) // 2 : -1] == span and 8 <= len(span) <= 100 and min(span) >= 5 and max(span) < 512
-        spans.append(len(span))
+        assert len(doc) == 300  # one document fills one packed sequence
+        pos = 0
+        while pos < len(doc):  # walk the units: <s> span span </s>, the last one cut
+            assert doc[pos] == 1
+            end = doc.index(2, pos) if 2 in doc[pos:] else len(doc)
+            body = doc[pos + 1 : end]
+            if end < len(doc):  # a whole unit: two equal halves
+                span = len(body) // 2
+                assert len(body) % 2 == 0 and body[:span] == body[span:], (pos, body)
+                assert 8 <= span <= min(100, 300 // 2 - 1) and min(body) >= 5 and max(body) < 512
+                spans.append(span)
+            pos = end + 1
     assert min(spans) < 30 < max(spans)  # log-uniform: short and long
+    with pytest.raises(ValueError, match="length 12"):
+        study.copy_documents(512, 1, 12, 8, 100, bos=1, eos=2, seed=0)
