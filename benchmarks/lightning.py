@@ -164,27 +164,34 @@ def print_kernel_profile(T, B, H=32, D=128):
 
 
 SWEEP_CONFIGS = (
-    {},
-    # BV 128: one program per (block, head) reads q and k once instead of once per V tile
-    {"BV": 128, "warps_fwd": 8},
-    {"BV": 128, "warps_fwd": 8, "stages_fwd": 2},
-    {"BV": 128, "warps_fwd": 4},
-    {"C": 32, "BV": 128, "warps_fwd": 4},
-    {"stages_fwd": 2},
+    {},  # the defaults: C 64, BV 128 (one V tile per head), 8 warps, 2 stages
+    {"stages_fwd": 3},
+    {"C": 32, "warps_fwd": 4},
+    {"C": 32, "warps_fwd": 4, "stages_fwd": 3},
+    # two V tiles per head: half the state in registers (room for a second program per SM), q and k read by
+    # both tiles; v_first puts the two side by side in the grid so that the second read hits L2
+    {"BV": 64, "warps_fwd": 4},
+    {"BV": 64, "warps_fwd": 4, "v_first": True},
+    {"BV": 64, "warps_fwd": 4, "v_first": True, "stages_fwd": 3},
+    {"BV": 64, "warps_fwd": 8, "v_first": True},
+    {"C": 32, "BV": 64, "warps_fwd": 4, "v_first": True},
 )
-SWEEP_BWD = ({}, {"stages_bwd": 1}, {"stages_bwd": 3}, {"warps_bwd": 4}, {"C": 32, "warps_bwd": 4})
+SWEEP_BLOCK_LENS = (None, 4096, 16384)  # None: choose_block_len (8192 at these sizes)
+SWEEP_BWD = ({}, {"stages_bwd": 3})
+SWEEP_DECODE = ({}, {"BV": 64, "warps": 8}, {"BV": 128, "warps": 8}, {"evict": True},
+                {"BV": 64, "warps": 8, "evict": True}, {"BV": 128, "warps": 8, "evict": True})
 
 
 def run_sweep(H=32, D=128):
-    """Forward time of each launch configuration x block length at 64 x 4K and 4 x 64K; then backward
-    variants at 4 x 64K. Prints one line per point."""
+    """Forward time of each launch configuration x block length at 64 x 4K, 4 x 64K and 1 x 256K; then
+    backward variants at 4 x 64K and decode variants. Prints one line per point."""
     sweep = {}
     g = sala_decay(H).cuda()
     for T, B in ((4096, 64), (65536, 4), (262144, 1)):
         torch.manual_seed(1)
         q, k, v = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         for override in SWEEP_CONFIGS:
-            for block_len in (None, 512, 1024, 2048, 4096, 8192):
+            for block_len in SWEEP_BLOCK_LENS:
                 if block_len and block_len > T:
                     continue
                 chunk_module.KERNEL_OVERRIDES.clear()
@@ -209,7 +216,7 @@ def run_sweep(H=32, D=128):
     chunk_module.KERNEL_OVERRIDES.clear()
     from sala_train.kernels.lightning import recurrent
 
-    for override in ({}, {"BV": 64}, {"BV": 64, "warps": 8}, {"BV": 128, "warps": 8}, {"BV": 16, "warps": 2}):
+    for override in SWEEP_DECODE:
         recurrent.DECODE_OVERRIDES.clear()
         recurrent.DECODE_OVERRIDES.update(override)
         for N in (1, 16, 128):

@@ -27,12 +27,20 @@ from ..tiles import tiles
 
 
 @triton.jit
+def _program_ids(V_FIRST: tl.constexpr):
+    """(block, head, V tile) of this program. V_FIRST: the grid is (V tiles, blocks, heads), so that the V
+    tiles of one (block, head), which read the same q and k, run side by side and share them in L2."""
+    if V_FIRST:
+        return tl.program_id(1), tl.program_id(2), tl.program_id(0)
+    return tl.program_id(0), tl.program_id(1), tl.program_id(2)
+
+
+@triton.jit
 def _block_state_kernel(k, v, g, blk_ids, blk_start, blk_len, states,
                         H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
-                        PRECISION: tl.constexpr):
-    b = tl.load(blk_ids + tl.program_id(0))
-    h = tl.program_id(1)
-    iv = tl.program_id(2)
+                        PRECISION: tl.constexpr, V_FIRST: tl.constexpr):
+    b, h, iv = _program_ids(V_FIRST)
+    b = tl.load(blk_ids + b)
     start = tl.load(blk_start + b).to(tl.int64)
     n_tok = tl.load(blk_len + b)
     gh = tl.load(g + h).to(tl.float32)
@@ -92,10 +100,8 @@ def _scan_kernel(states, g, blk_len, seq_first_blk, init, final,
 @triton.jit
 def _output_kernel(q, k, v, o, states, g, blk_start, blk_len, scale,
                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
-                   PRECISION: tl.constexpr):
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    iv = tl.program_id(2)
+                   PRECISION: tl.constexpr, V_FIRST: tl.constexpr):
+    b, h, iv = _program_ids(V_FIRST)
     start = tl.load(blk_start + b).to(tl.int64)
     n_tok = tl.load(blk_len + b)
     gh = tl.load(g + h).to(tl.float32)
@@ -287,6 +293,8 @@ def _kernel_config(D: int, dtype: torch.dtype) -> dict:
         # beat 1 by 4-7% in the forward; the backward is best with 8 warps and 2 stages
         "stages_fwd": 2,
         "stages_bwd": 2,
+        # forward grid (V tiles, blocks, heads) instead of (blocks, heads, V tiles): matters when BV < D
+        "v_first": False,
     }
     config.update(KERNEL_OVERRIDES)
     return config
@@ -306,18 +314,21 @@ class LightningAttentionFunction(torch.autograd.Function):
         final = torch.empty(N, H, D, D, dtype=torch.float32, device=q.device) if output_final_state else None
         o = torch.empty_like(v)
         state_blocks = table.all_ids if output_final_state else table.not_last
+        # grid dimensions 1 and 2 hold at most 65535 programs: V-first only where the blocks fit there
+        v_first = bool(cfg["v_first"]) and table.num_blocks <= 65535 and H <= 65535
+        grid = lambda blocks: (triton.cdiv(D, BV), blocks, H) if v_first else (blocks, H, triton.cdiv(D, BV))  # noqa: E731
         if state_blocks:
-            grid = (len(state_blocks), H, triton.cdiv(D, BV))
-            _block_state_kernel[grid](k, v, g, table.ids(state_blocks), table.start, table.length, states, H=H, K=D,
-                                      V=D, C=C, BV=BV,
-                                      PRECISION=cfg["PRECISION"], num_warps=cfg["warps_fwd"], num_stages=cfg["stages_fwd"])
+            _block_state_kernel[grid(len(state_blocks))](
+                k, v, g, table.ids(state_blocks), table.start, table.length, states, H=H, K=D, V=D, C=C, BV=BV,
+                PRECISION=cfg["PRECISION"], V_FIRST=v_first, num_warps=cfg["warps_fwd"], num_stages=cfg["stages_fwd"])
         _scan_kernel[(N, H, triton.cdiv(D, BV))](
             states, g, table.length, table.seq_first, initial_state, final, H=H, K=D, V=D, BV=BV,
             HAS_INIT=initial_state is not None, STORE_FINAL=final is not None, REVERSE=False, num_warps=4)
         if table.num_blocks:
-            _output_kernel[(table.num_blocks, H, triton.cdiv(D, BV))](
+            _output_kernel[grid(table.num_blocks)](
                 q, k, v, o, states, g, table.start, table.length, scale, H=H, K=D, V=D, C=C, BV=BV,
-                PRECISION=cfg["PRECISION"], num_warps=cfg["warps_fwd"], num_stages=cfg["stages_fwd"])
+                PRECISION=cfg["PRECISION"], V_FIRST=v_first, num_warps=cfg["warps_fwd"],
+                num_stages=cfg["stages_fwd"])
         ctx.save_for_backward(q, k, v, g, states)
         ctx.table, ctx.scale, ctx.cfg = table, scale, cfg
         ctx.has_initial_state = initial_state is not None

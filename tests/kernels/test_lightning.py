@@ -102,6 +102,32 @@ def test_blocks_without_final_state(poisoned, use_initial):
             use_initial=use_initial, want_final=False)
 
 
+@pytest.fixture
+def kernel_overrides():
+    """The launch-configuration dicts the benchmarks sweep, emptied again after the test."""
+    from sala_train.kernels.lightning import chunk, recurrent
+
+    yield chunk.KERNEL_OVERRIDES, recurrent.DECODE_OVERRIDES
+    chunk.KERNEL_OVERRIDES.clear()
+    recurrent.DECODE_OVERRIDES.clear()
+
+
+@pytest.mark.parametrize("override", [{"BV": 8}, {"BV": 8, "v_first": True}, {"C": 32}],
+                         ids=["two-V-tiles", "two-V-tiles-v-first", "C32"])
+def test_launch_configurations_the_benchmark_sweeps(poisoned, kernel_overrides, override):
+    """Every configuration benchmarks/lightning.py --sweep may pick as a default computes the same thing:
+    V split into tiles (with either grid order) and a larger chunk, over blocks of several chunks and varlen."""
+    kernel_overrides[0].update(override)
+    compare(f"{override}", block_len=64, T=150, B=2)
+    compare(f"{override} varlen", cu_seqlens=torch.tensor([0, 1, 17, 40, 100, 133]), B=1, T=133, block_len=32)
+
+
+@pytest.mark.parametrize("override", [{"BV": 16, "evict": True}, {"BV": 8, "warps": 2}])
+def test_decode_launch_configurations(poisoned, kernel_overrides, override):
+    kernel_overrides[1].update(override)
+    test_decode_kernel_matches_reference(poisoned)
+
+
 def test_head_dim_32_and_a_single_head(poisoned):
     compare("D=32", D=32, H=1, T=40, B=1)
 
