@@ -269,7 +269,8 @@ def choose_block_len(total_tokens: int, num_heads: int, chunk: int, target_progr
     """Tokens per block: long enough that few blocks need the separate state pass (a sequence that fits
     one block needs none), short enough that there are about `target_programs` (block, head) programs.
     Measured on H100 (2026-11-27, H=32, D=128, bf16): at 64 x 4K, 4 x 64K and 1 x 256K tokens the forward
-    is fastest with 8192-token blocks (4K: one block per sequence), 8-17% faster than 2048."""
+    is fastest with 8192-token blocks (4K: one block per sequence), 8-17% faster than 2048. (On H200,
+    2026-12-03, with 3 stages, 16384-token blocks were 3% faster still at 4 x 64K and 1 x 256K: not taken.)"""
     block = chunk
     while block < max_block and (total_tokens // (2 * block)) * num_heads >= target_programs:
         block *= 2
@@ -289,9 +290,10 @@ def _kernel_config(D: int, dtype: torch.dtype) -> dict:
         "PRECISION": "ieee" if dtype == torch.float32 else "tf32",
         "warps_fwd": 8 if D >= 128 else 4,
         "warps_bwd": 8 if D >= 128 else 4,
-        # sweep on H100 (2026-11-27, benchmarks/lightning.py --sweep-only): with BV = 128 and 8 warps, 2 stages
-        # beat 1 by 4-7% in the forward; the backward is best with 8 warps and 2 stages
-        "stages_fwd": 2,
+        # sweeps of benchmarks/lightning.py: on H100 (2026-11-27) with BV = 128 and 8 warps, 2 stages beat 1 by
+        # 4-7% in the forward; on H200 (2026-12-03) 3 stages beat 2 by 16-22% at 64 x 4K, 4 x 64K, 1 x 256K
+        # (docs/benchmarks.md). The backward is best with 8 warps and 2 stages (3: 7% slower).
+        "stages_fwd": 3,
         "stages_bwd": 2,
         # forward grid (V tiles, blocks, heads) instead of (blocks, heads, V tiles): matters when BV < D
         "v_first": False,
