@@ -8,9 +8,11 @@
 # WAIT seconds, and packs the results into $OUT/quality.tgz (results JSON, plans, HALO scores, timings, report,
 # plots) with the log. A study still running at the end goes on; the same call again, back to back, waits for it.
 # On a fresh machine it starts from the beginning: every step skips or resumes what is on disk, nothing more.
+# STUDY_ARGS passes options to study.py, e.g. STUDY_ARGS="--scale full_copy2560" (run 3's teacher).
 set -u
 PY=${PY:-python3}
 WAIT=${WAIT:-570}
+STUDY_ARGS=${STUDY_ARGS:-}
 OUT=${OUT:-/tmp/quality-out}
 mkdir -p "$OUT" runs
 export PYTHONUNBUFFERED=1
@@ -22,7 +24,8 @@ if running; then
 elif [ -f runs/quality/results/study.json ]; then  # (written by the last step, the report)
     echo "device_run: the study is done on this machine; packing its results"
 else
-    setsid nohup $PY benchmarks/quality/study.py all --quiet >> runs/quality.log 2>&1 < /dev/null &
+    # shellcheck disable=SC2086 (STUDY_ARGS: several words)
+    setsid nohup $PY benchmarks/quality/study.py all --quiet $STUDY_ARGS >> runs/quality.log 2>&1 < /dev/null &
     sleep 2
 fi
 while running && [ "$SECONDS" -lt "$WAIT" ]; do sleep 2; done

@@ -72,10 +72,12 @@ class Scale:
     # students' long stage); lengths log-uniform. The recipes mix them in by token weight
     # (recipes/experiment/quality_*.yaml).
     retrieval_docs: tuple = (16000, 240)
-    # Copy documents (study.py text -> text/copy.bin): how many, each teacher_len tokens of <s> span span </s>
-    # units of random ids, the span lengths (log-uniform). The teacher's copy warm-up reads 16 a step.
-    copy_docs: int = 44000
-    copy_spans: tuple = (8, 64)
+    # Copy documents (study.py text -> text/copy.bin) of <s> span span </s> units of random ids: how many, the
+    # span lengths (log-uniform), and whether units fill whole documents of teacher_len tokens (copy_fill; one
+    # document per packed sequence) or each unit is a document of its own (run 2).
+    copy_docs: int = 20000
+    copy_spans: tuple = (8, 511)
+    copy_fill: bool = False
 
 
 SCALES = {
@@ -86,6 +88,19 @@ SCALES = {
                 "tasks.num_examples=16", "tasks.heldout_sequences=32", "tasks.batch_size=8"],
         sparse_config={"kernel_size": 32, "kernel_stride": 16, "block_size": 64, "init_blocks": 1,
                        "window_size": 512, "topk": 16, "dense_len": 2048},
+    ),
+    # run 3 (docs/quality.md): a copy warm-up of 2560 steps on full-sequence copy documents with short spans
+    "full_copy2560": Scale(
+        teacher_len=1024,
+        teacher=["stages.0.tokens=41943040", "stages.0.save_every=250"],
+        select=["align.seq_len=512", "align.batch_size=16", "align.steps=200", "align.warmup_steps=20",
+                "align.checkpoint_every=50", "tasks.context_len=1024", "tasks.heldout_len=1024",
+                "tasks.num_examples=16", "tasks.heldout_sequences=32", "tasks.batch_size=8"],
+        sparse_config={"kernel_size": 32, "kernel_stride": 16, "block_size": 64, "init_blocks": 1,
+                       "window_size": 512, "topk": 16, "dense_len": 2048},
+        copy_docs=44000,
+        copy_spans=(8, 64),
+        copy_fill=True,
     ),
     "tiny": Scale(
         teacher_len=64,
@@ -223,11 +238,12 @@ class Study:
             write_id_arrays(docs, self.text / f"{name}.bin")
             print(f"{name}: {len(docs)} retrieval documents, {sum(map(len, docs))} tokens (train-split haystacks "
                   f"of {lo}-{hi} tokens)", flush=True)
-        docs = copy_documents(len(tokenizer), self.scale.copy_docs, length, *self.scale.copy_spans,
-                              tokenizer.bos_token_id, tokenizer.eos_token_id, seed=9)
+        lo, hi = self.scale.copy_spans
+        docs = copy_documents(len(tokenizer), self.scale.copy_docs, length if self.scale.copy_fill else None,
+                              lo, min(hi, length // 2 - 1), tokenizer.bos_token_id, tokenizer.eos_token_id, seed=9)
         write_id_arrays(docs, self.text / "copy.bin")
-        print(f"copy: {len(docs)} documents of {length} tokens (copy units, spans of {self.scale.copy_spans[0]}-"
-              f"{self.scale.copy_spans[1]})", flush=True)
+        print(f"copy: {len(docs)} documents, {sum(map(len, docs))} tokens (spans of {lo}-{min(hi, length // 2 - 1)}"
+              f"{', units filling each document' if self.scale.copy_fill else ''})", flush=True)
 
     def step_teacher(self) -> None:
         from omegaconf import OmegaConf
@@ -381,21 +397,27 @@ def copy_units(vocab_size: int, min_span: int, max_span: int, bos: int, eos: int
     return [bos, *ids, *ids, eos]
 
 
-def copy_documents(vocab_size: int, count: int, length: int, min_span: int, max_span: int, bos: int, eos: int,
-                   seed: int) -> list[list[int]]:
-    """``count`` documents of exactly ``length`` tokens, each copy units back to back (the last one cut), so that
-    one document fills one packed sequence and the trainer's attention runs one dense causal call per sequence.
+def copy_documents(vocab_size: int, count: int, length: int | None, min_span: int, max_span: int, bos: int,
+                   eos: int, seed: int) -> list[list[int]]:
+    """``count`` copy documents. ``length`` None: each document one copy unit (run 2). ``length`` an int: each
+    document exactly ``length`` tokens of units back to back (the last one cut), so that one document fills one
+    packed sequence and the trainer's attention makes one dense causal call per sequence (run 3); a unit's span
+    then never exceeds ``length // 2 - 1``.
 
-    Why this form (docs/quality.md, "Run 2" and "Run 3"): run 2's teacher trained 512 steps on single
-    <s> span span </s> documents (spans of 8-511 tokens, packed many to a sequence) and never learned to copy.
-    The pilot benchmarks/quality/copy_pilot.py, on this architecture and in this packed form, learned copying
-    only after about 1500 steps of 16K tokens at the muP LR 1e-2 with spans of 8-64 (none of 8-511 within 400
-    steps, nor at 3e-3 within 1500). A unit's span never crosses ``length // 2 - 1``."""
-    max_span = min(max_span, length // 2 - 1)
-    if max_span < min_span:
-        raise ValueError(f"copy_documents: length {length} leaves no room for spans of {min_span} tokens")
+    Why copy documents (docs/quality.md, runs 2 and 3): retrieval rests on copying, which run 1's teacher never
+    learned from text. Run 2's 512 warm-up steps on single units (spans of 8-511) taught nothing. The pilot
+    benchmarks/quality/copy_pilot.py, on this architecture in the packed form, learned copying only after about
+    1500 steps of 16K tokens at the muP LR 1e-2 with spans of 8-64; run 3's teacher, 2560 steps in the filled
+    form, began copying near step 2200 but then learned text worse."""
+    if length is not None:
+        max_span = min(max_span, length // 2 - 1)
+        if max_span < min_span:
+            raise ValueError(f"copy_documents: length {length} leaves no room for spans of {min_span} tokens")
     rng, docs = np.random.default_rng(seed), []
     for _ in range(count):
+        if length is None:
+            docs.append(copy_units(vocab_size, min_span, max_span, bos, eos, rng))
+            continue
         doc: list[int] = []
         while len(doc) < length:
             doc += copy_units(vocab_size, min_span, max_span, bos, eos, rng)

@@ -209,3 +209,9 @@ def test_copy_documents_are_full_sequences_of_repeated_random_spans(monkeypatch)
     assert min(spans) < 30 < max(spans)  # log-uniform: short and long
     with pytest.raises(ValueError, match="length 12"):
         study.copy_documents(512, 1, 12, 8, 100, bos=1, eos=2, seed=0)
+    # one unit per document (run 2's form): <s> span span </s>, spans up to max_span
+    single = study.copy_documents(512, 40, None, 8, 100, bos=1, eos=2, seed=0)
+    for doc in single:
+        span = (len(doc) - 2) // 2
+        assert doc[0] == 1 and doc[-1] == 2 and doc[1 : 1 + span] == doc[1 + span : -1] and 8 <= span <= 100
+    assert max(len(d) for d in single) > 150  # spans longer than a filled document of 300 would allow
