@@ -175,30 +175,27 @@ def print_kernel_profile(T, B, H=32, D=128):
 
 
 SWEEP_CONFIGS = (
-    {},  # the defaults: C 64, BV 128 (one V tile per head), 8 warps, 2 stages
-    {"stages_fwd": 3},
+    {},  # the defaults: C 64, BV 128 (one V tile per head), 8 warps, 3 stages, block_policy "programs"
+    {"block_policy": "waves"},  # the longest blocks that fill the SMs once (whole sequences where B x H allows)
+    {"stages_fwd": 2},  # the H100 default before the 2026-12-03 H200 sweep
+    {"stages_fwd": 4},
     {"C": 32, "warps_fwd": 4},
-    {"C": 32, "warps_fwd": 4, "stages_fwd": 3},
-    # two V tiles per head: half the state in registers (room for a second program per SM), q and k read by
-    # both tiles; v_first puts the two side by side in the grid so that the second read hits L2
-    {"BV": 64, "warps_fwd": 4},
-    {"BV": 64, "warps_fwd": 4, "v_first": True},
-    {"BV": 64, "warps_fwd": 4, "v_first": True, "stages_fwd": 3},
-    {"BV": 64, "warps_fwd": 8, "v_first": True},
-    {"C": 32, "BV": 64, "warps_fwd": 4, "v_first": True},
+    # two V tiles per head: half the state in registers, q and k read by both tiles; v_first puts the two side
+    # by side in the grid so that the second read hits L2 (on H200, 2026-12-03: 5-7% faster than without, and
+    # slower than one V tile with 3 stages)
+    {"BV": 64, "warps_fwd": 4, "v_first": True, "stages_fwd": 2},
 )
-SWEEP_BLOCK_LENS = (None, 4096, 16384)  # None: choose_block_len (8192 at these sizes)
-SWEEP_BWD = ({}, {"stages_bwd": 3})
-SWEEP_DECODE = ({}, {"BV": 64, "warps": 8}, {"BV": 128, "warps": 8}, {"evict": True},
-                {"BV": 64, "warps": 8, "evict": True}, {"BV": 128, "warps": 8, "evict": True})
+SWEEP_BLOCK_LENS = (None, 16384, 65536, 262144)  # None: the policy's choice; longer than T: skipped
+SWEEP_BWD = ({}, {"block_policy": "waves"}, {"stages_fwd": 2})
+SWEEP_DECODE = ({}, {"BV": 32, "warps": 4}, {"BV": 64, "warps": 8}, {"BV": 128, "warps": 4})
 
 
 def run_sweep(H=32, D=128):
-    """Forward time of each launch configuration x block length at 64 x 4K, 4 x 64K and 1 x 256K; then
-    backward variants at 4 x 64K and decode variants. Prints one line per point."""
+    """Forward time of each launch configuration x block length at 64 x 4K, 16 x 16K, 4 x 64K and 1 x 256K;
+    then forward+backward variants at 4 x 64K and decode variants. Prints one line per point."""
     sweep = {}
     g = sala_decay(H).cuda()
-    for T, B in ((4096, 64), (65536, 4), (262144, 1)):
+    for T, B in ((4096, 64), (16384, 16), (65536, 4), (262144, 1)):
         torch.manual_seed(1)
         q, k, v = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         for override in SWEEP_CONFIGS:

@@ -277,6 +277,34 @@ def choose_block_len(total_tokens: int, num_heads: int, chunk: int, target_progr
     return block
 
 
+def choose_block_len_waves(seq_lens: list[int], programs_per_block: int, chunk: int, num_sms: int,
+                           fill: float = 0.9) -> int:
+    """Tokens per block under the "waves" policy: the longest blocks that still give one wave of programs.
+
+    The output and dq/dk/dv kernels hold one program per SM (their tiles fill its shared memory and registers),
+    and a program walks its block's chunks one after another, so the time is about (tokens per SM) x (time per
+    chunk) whatever the block length, and every block that is not the last of its sequence costs an extra
+    read of its k and v in the state pass (and of q and do in the backward's). Longer blocks are therefore
+    better as long as there are programs enough for the SMs: start from the longest sequence (one block per
+    sequence: no state pass at all) and halve while fewer than ``fill`` x ``num_sms`` programs
+    (blocks x ``programs_per_block``: heads x V tiles) would run. Never below ``chunk``."""
+    if not seq_lens or max(seq_lens) == 0:
+        return chunk
+    block = -(-max(seq_lens) // chunk) * chunk
+    while block > chunk:
+        programs = sum(-(-n // block) for n in seq_lens if n) * programs_per_block
+        if programs >= fill * num_sms:
+            break
+        block = max(chunk, -(-(block // 2) // chunk) * chunk)
+    return block
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 8  # the interpreter: a small machine, so that tests split sequences into several blocks
+
+
 # Benchmarks sweep the launch configuration through this dict (keys of _kernel_config); empty = defaults.
 KERNEL_OVERRIDES: dict = {}
 
@@ -297,6 +325,9 @@ def _kernel_config(D: int, dtype: torch.dtype) -> dict:
         "stages_bwd": 2,
         # forward grid (V tiles, blocks, heads) instead of (blocks, heads, V tiles): matters when BV < D
         "v_first": False,
+        # block length when the caller gives none: "programs" (choose_block_len: about 1024 programs, blocks of
+        # at most 8192 tokens) or "waves" (choose_block_len_waves: the longest blocks that fill the SMs once)
+        "block_policy": "programs",
     }
     config.update(KERNEL_OVERRIDES)
     return config
@@ -308,7 +339,15 @@ class LightningAttentionFunction(torch.autograd.Function):
         TT, H, D = q.shape  # flattened tokens
         cfg = _kernel_config(D, q.dtype)
         C, BV = cfg["C"], cfg["BV"]
-        L = block_len or choose_block_len(TT, H, C)
+        if block_len:
+            L = block_len
+        elif cfg["block_policy"] == "waves":
+            lens = np.diff(np.asarray(seq_bounds)).tolist()
+            L = choose_block_len_waves(lens, H * triton.cdiv(D, BV), C, _num_sms(q.device))
+        elif cfg["block_policy"] == "programs":
+            L = choose_block_len(TT, H, C)
+        else:
+            raise ValueError(f"lightning: block_policy must be 'programs' or 'waves', not {cfg['block_policy']!r}")
         table = BlockTable(seq_bounds, L, q.device)
         N = table.num_seqs
         g = decay.float().contiguous()

@@ -112,14 +112,38 @@ def kernel_overrides():
     recurrent.DECODE_OVERRIDES.clear()
 
 
-@pytest.mark.parametrize("override", [{"BV": 8}, {"BV": 8, "v_first": True}, {"C": 32}],
-                         ids=["two-V-tiles", "two-V-tiles-v-first", "C32"])
+@pytest.mark.parametrize("override", [{"BV": 8}, {"BV": 8, "v_first": True}, {"C": 32}, {"block_policy": "waves"}],
+                         ids=["two-V-tiles", "two-V-tiles-v-first", "C32", "waves"])
 def test_launch_configurations_the_benchmark_sweeps(poisoned, kernel_overrides, override):
     """Every configuration benchmarks/lightning.py --sweep may pick as a default computes the same thing:
     V split into tiles (with either grid order) and a larger chunk, over blocks of several chunks and varlen."""
     kernel_overrides[0].update(override)
     compare(f"{override}", block_len=64, T=150, B=2)
     compare(f"{override} varlen", cu_seqlens=torch.tensor([0, 1, 17, 40, 100, 133]), B=1, T=133, block_len=32)
+
+
+def test_waves_block_policy_takes_the_longest_blocks_that_fill_the_sms(kernel_overrides):
+    from sala_train.kernels.lightning.chunk import choose_block_len_waves
+
+    # H100/H200 (132 SMs), 32 heads, one V tile: 4 x 64K is 128 programs with whole sequences (>= 0.9 x 132)
+    assert choose_block_len_waves([65536] * 4, 32, 64, 132) == 65536
+    assert choose_block_len_waves([262144], 32, 64, 132) == 65536  # 1 x 256K: 4 blocks, 128 programs
+    assert choose_block_len_waves([4096], 32, 64, 132) == 1024  # 1 x 4K: 4 blocks
+    assert choose_block_len_waves([4096] * 64, 32, 64, 132) == 4096
+    # 112 -> 64 -> 32 tokens: 4 + 2 blocks (the empty sequence has none) >= 0.9 x 6 SMs
+    assert choose_block_len_waves([100, 0, 37], 1, 16, 6) == 32
+    assert choose_block_len_waves([5], 1, 16, 132) == 16  # never below one chunk
+    assert choose_block_len_waves([], 32, 64, 132) == 64
+    # the policy is used when no block length is given; an unknown one is refused by name
+    torch.manual_seed(0)
+    q = torch.randn(1, 40, 1, 16)
+    kernel_overrides[0].update({"block_policy": "waves"})
+    o, _ = lightning_attention(q, q, q, decays_spanning(1))
+    o_ref, _ = lightning_attention_parallel(q.double(), q.double(), q.double(), decays_spanning(1))
+    assert_close(o, o_ref, ratio=FP32_RATIO, name="waves policy o")
+    kernel_overrides[0].update({"block_policy": "longest"})
+    with pytest.raises(ValueError, match="block_policy must be 'programs' or 'waves', not 'longest'"):
+        lightning_attention(q, q, q, decays_spanning(1))
 
 
 @pytest.mark.parametrize("override", [{"BV": 16, "evict": True}, {"BV": 8, "warps": 2}])
