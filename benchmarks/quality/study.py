@@ -67,6 +67,9 @@ class Scale:
     examples: int = 8  # retrieval examples per (task, length, depth)
     depths: tuple = DEPTHS  # of the asked fact in the haystack (a subset of DEPTHS)
     timing_repeats: int = 3
+    # sequences per forward in the evaluation (held-out loss, retrieval scoring; right-padded, which no causal
+    # model sees from its real positions). Run 2 scored one at a time: 348 s of launch-bound forwards.
+    eval_batch: int = 8
     # Retrieval-format training documents (study.py text -> text/retrieval_{1x,4x}.bin): how many of each. 1x:
     # haystacks of 1/16 to 1x the teacher length (teacher, and the students' short stages); 4x: 1x to 4x (the
     # students' long stage); lengths log-uniform. The recipes mix them in by token weight
@@ -492,8 +495,8 @@ def evaluate_model(name: str, path: Path, study: Study) -> dict:
     for multiple in LOSS_MULTIPLES:
         seq_len = multiple * length
         if stream.numel() >= seq_len:
-            result["loss"][str(multiple)] = HeldoutLoss(stream, seq_len, stream.numel() // seq_len, 1)(
-                model, tokenizer)["loss"]
+            result["loss"][str(multiple)] = HeldoutLoss(stream, seq_len, stream.numel() // seq_len,
+                                                        study.scale.eval_batch)(model, tokenizer)["loss"]
     for t, task in enumerate(RETRIEVAL_TASKS):
         result["accuracy"][task], result["logprob"][task], result["logprob_control"][task] = {}, {}, {}
         for multiple in RETRIEVAL_MULTIPLES:
@@ -506,10 +509,10 @@ def evaluate_model(name: str, path: Path, study: Study) -> dict:
                 except ValueError:  # the question and needles alone fill the context (tiny scale): not measured
                     accuracy[str(depth)] = logprob[str(depth)] = control[str(depth)] = None
                     continue
-                scores = score_answers(model, examples, 1, pad)
+                scores = score_answers(model, examples, study.scale.eval_batch, pad)
                 accuracy[str(depth)], logprob[str(depth)] = scores["exact_match"], scores["logprob"]
-                control[str(depth)] = score_answers(model, control_examples(tokenizer, examples, seed), 1,
-                                                    pad)["logprob"]
+                control[str(depth)] = score_answers(model, control_examples(tokenizer, examples, seed),
+                                                    study.scale.eval_batch, pad)["logprob"]
             result["accuracy"][task][str(multiple)] = accuracy
             result["logprob"][task][str(multiple)] = logprob
             result["logprob_control"][task][str(multiple)] = control

@@ -529,3 +529,32 @@ def test_sweep_shards_of_a_job_array_merge_into_the_same_plan(halo_run, teacher_
     assert merged.sparse_layers == plan.sparse_layers and merged.evidence["scores"] == plan.evidence["scores"]
     with pytest.raises(ValueError, match="need 0 <= i < n"):
         run_halo(_halo_config(teacher_dir, array, sweep_shard="2/2"), progress=False)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_right_padded_batches_score_as_one_example_at_a_time(backend):
+    """score_answers pads batches on the right without a mask (the quality study scores 8 at a time): a hybrid
+    model, sparse and lightning layers both, must give every example the scores it gets alone."""
+    from sala_train.models import SALAConfig, SALAForCausalLM
+
+    torch.manual_seed(0)
+    config = SALAConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                        pad_token_id=0, bos_token_id=1, eos_token_id=2, dim_model_base=16,
+                        mixer_types=["minicpm4", "lightning-attn", "lightning-attn", "minicpm4"], lightning_nh=4,
+                        lightning_nkv=4, lightning_head_dim=16, lightning_backend=backend, sparse_backend=backend,
+                        sparse_config={"kernel_size": 8, "kernel_stride": 4, "block_size": 16, "init_blocks": 1,
+                                       "window_size": 32, "topk": 2, "dense_len": 64})
+    model = SALAForCausalLM(config).eval()
+    rng = torch.Generator().manual_seed(1)
+    examples = []
+    for length in (150, 97, 40):  # past dense_len (sparse selection) and below it, three different paddings
+        ids = [1] + torch.randint(3, 97, (length - 1,), generator=rng).tolist()
+        examples.append(RecallExample(ids, [(length - 6, length - 3), (length - 2, length)]))
+    with torch.no_grad():
+        alone = [score_answers(model, [e], 1, pad_id=0) for e in examples]
+        batched = [score_answers(model, [e], 1, pad_id=0) for e in examples]  # the same call twice: deterministic
+        together = score_answers(model, examples, 3, pad_id=0)
+    assert alone == batched
+    assert together["logprob"] == pytest.approx(sum(a["logprob"] for a in alone) / 3, rel=1e-5)
+    assert together["exact_match"] == sum(a["exact_match"] for a in alone) / 3
