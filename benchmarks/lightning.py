@@ -180,6 +180,8 @@ SWEEP_CONFIGS = (
     {"stages_fwd": 2},  # the H100 default before the 2026-12-03 H200 sweep
     {"stages_fwd": 4},
     {"C": 32, "warps_fwd": 4},
+    {"C": 128},  # half the serial chunk steps per block, twice the intra-chunk work in each
+    {"C": 128, "stages_fwd": 2},
     # two V tiles per head: half the state in registers, q and k read by both tiles; v_first puts the two side
     # by side in the grid so that the second read hits L2 (on H200, 2026-12-03: 5-7% faster than without, and
     # slower than one V tile with 3 stages)
