@@ -36,7 +36,7 @@ import shutil
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -83,28 +83,20 @@ class Scale:
     copy_fill: bool = False
 
 
+FULL = Scale(
+    teacher_len=1024,
+    select=["align.seq_len=512", "align.batch_size=16", "align.steps=200", "align.warmup_steps=20",
+            "align.checkpoint_every=50", "tasks.context_len=1024", "tasks.heldout_len=1024",
+            "tasks.num_examples=16", "tasks.heldout_sequences=32", "tasks.batch_size=8"],
+    sparse_config={"kernel_size": 32, "kernel_stride": 16, "block_size": 64, "init_blocks": 1,
+                   "window_size": 512, "topk": 16, "dense_len": 2048},
+)
+
 SCALES = {
-    "full": Scale(
-        teacher_len=1024,
-        select=["align.seq_len=512", "align.batch_size=16", "align.steps=200", "align.warmup_steps=20",
-                "align.checkpoint_every=50", "tasks.context_len=1024", "tasks.heldout_len=1024",
-                "tasks.num_examples=16", "tasks.heldout_sequences=32", "tasks.batch_size=8"],
-        sparse_config={"kernel_size": 32, "kernel_stride": 16, "block_size": 64, "init_blocks": 1,
-                       "window_size": 512, "topk": 16, "dense_len": 2048},
-    ),
+    "full": FULL,
     # run 3 (docs/quality.md): a copy warm-up of 2560 steps on full-sequence copy documents with short spans
-    "full_copy2560": Scale(
-        teacher_len=1024,
-        teacher=["stages.0.tokens=41943040", "stages.0.save_every=250"],
-        select=["align.seq_len=512", "align.batch_size=16", "align.steps=200", "align.warmup_steps=20",
-                "align.checkpoint_every=50", "tasks.context_len=1024", "tasks.heldout_len=1024",
-                "tasks.num_examples=16", "tasks.heldout_sequences=32", "tasks.batch_size=8"],
-        sparse_config={"kernel_size": 32, "kernel_stride": 16, "block_size": 64, "init_blocks": 1,
-                       "window_size": 512, "topk": 16, "dense_len": 2048},
-        copy_docs=44000,
-        copy_spans=(8, 64),
-        copy_fill=True,
-    ),
+    "full_copy2560": replace(FULL, teacher=["stages.0.tokens=41943040", "stages.0.save_every=250"],
+                             copy_docs=44000, copy_spans=(8, 64), copy_fill=True),
     "tiny": Scale(
         teacher_len=64,
         make_teacher=["model.hidden_size=64", "model.intermediate_size=128", "model.num_hidden_layers=8",
@@ -241,11 +233,11 @@ class Study:
             write_id_arrays(docs, self.text / f"{name}.bin")
             print(f"{name}: {len(docs)} retrieval documents, {sum(map(len, docs))} tokens (train-split haystacks "
                   f"of {lo}-{hi} tokens)", flush=True)
-        lo, hi = self.scale.copy_spans
+        lo, hi = self.scale.copy_spans[0], min(self.scale.copy_spans[1], length // 2 - 1)
         docs = copy_documents(len(tokenizer), self.scale.copy_docs, length if self.scale.copy_fill else None,
-                              lo, min(hi, length // 2 - 1), tokenizer.bos_token_id, tokenizer.eos_token_id, seed=9)
+                              lo, hi, tokenizer.bos_token_id, tokenizer.eos_token_id, seed=9)
         write_id_arrays(docs, self.text / "copy.bin")
-        print(f"copy: {len(docs)} documents, {sum(map(len, docs))} tokens (spans of {lo}-{min(hi, length // 2 - 1)}"
+        print(f"copy: {len(docs)} documents, {sum(map(len, docs))} tokens (spans of {lo}-{hi}"
               f"{', units filling each document' if self.scale.copy_fill else ''})", flush=True)
 
     def step_teacher(self) -> None:

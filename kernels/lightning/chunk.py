@@ -356,7 +356,7 @@ class LightningAttentionFunction(torch.autograd.Function):
         o = torch.empty_like(v)
         state_blocks = table.all_ids if output_final_state else table.not_last
         # grid dimensions 1 and 2 hold at most 65535 programs: V-first only where the blocks fit there
-        v_first = bool(cfg["v_first"]) and table.num_blocks <= 65535 and H <= 65535
+        v_first = bool(cfg["v_first"]) and table.num_blocks <= 65535
         grid = lambda blocks: (triton.cdiv(D, BV), blocks, H) if v_first else (blocks, H, triton.cdiv(D, BV))  # noqa: E731
         if state_blocks:
             _block_state_kernel[grid(len(state_blocks))](

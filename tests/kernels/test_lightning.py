@@ -146,7 +146,7 @@ def test_waves_block_policy_takes_the_longest_blocks_that_fill_the_sms(kernel_ov
         lightning_attention(q, q, q, decays_spanning(1))
 
 
-@pytest.mark.parametrize("override", [{"BV": 16, "evict": True}, {"BV": 8, "warps": 2}])
+@pytest.mark.parametrize("override", [{"BV": 16}, {"BV": 8, "warps": 2}])
 def test_decode_launch_configurations(poisoned, kernel_overrides, override):
     kernel_overrides[1].update(override)
     test_decode_kernel_matches_reference(poisoned)
