@@ -89,7 +89,9 @@ def check_correctness(fla_chunk, H=32, D=128):
     return rows
 
 
-def time_variants(fla_chunk, T, B, H=32, D=128, with_sdpa=True, rep_ms=200):
+def time_variants(fla_chunk, T, B, H=32, D=128, with_sdpa=True, rep_ms=200, variants=None):
+    """ms of ours (defaults), fla and SDPA at B x T; ``variants`` {name: KERNEL_OVERRIDES} also times ours with
+    each override as ours_<name>_fwd / ours_<name>_fwdbwd, side by side in the same run."""
     torch.manual_seed(1)
     q, k, v = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     g = sala_decay(H).cuda()
@@ -119,6 +121,14 @@ def time_variants(fla_chunk, T, B, H=32, D=128, with_sdpa=True, rep_ms=200):
     with torch.no_grad():
         timed("ours_fwd", ours)
     timed("ours_fwdbwd", fwd_bwd(ours))
+    for name, override in (variants or {}).items():
+        chunk_module.KERNEL_OVERRIDES.update(override)
+        try:
+            with torch.no_grad():
+                timed(f"ours_{name}_fwd", ours)
+            timed(f"ours_{name}_fwdbwd", fwd_bwd(ours))
+        finally:
+            chunk_module.KERNEL_OVERRIDES.clear()
     if fla_chunk is not None:
         fla = lambda: fla_chunk(q, k, v, g_gamma=g, scale=D**-0.5)[0]  # noqa: E731
         with torch.no_grad():
@@ -246,7 +256,11 @@ def main():
     parser.add_argument("--sizes", default=None, help="T:B pairs, e.g. 4096:64,65536:4")
     parser.add_argument("--no-sdpa", action="store_true")
     parser.add_argument("--out", default=None, help="write results as JSON here")
+    parser.add_argument("--variants", default=None,
+                        help='also time ours with these KERNEL_OVERRIDES, JSON {name: overrides}, e.g. '
+                             '\'{"waves": {"block_policy": "waves"}}\'')
     args = parser.parse_args()
+    variants = json.loads(args.variants) if args.variants else None
     fla_chunk, fla_recurrent, fla_version = try_import_fla()
     props = torch.cuda.get_device_properties(0)
     print(f"device {props.name}, torch {torch.__version__}, triton {triton.__version__}, fla {fla_version}")
@@ -273,7 +287,7 @@ def main():
         print_kernel_profile(65536, 4)
     table = []
     for T, B in sizes:
-        r = time_variants(fla_chunk, T, B, with_sdpa=not args.no_sdpa)
+        r = time_variants(fla_chunk, T, B, with_sdpa=not args.no_sdpa, variants=variants)
         table.append((T, B, r))
         print(f"T={T} B={B}: " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
                                            for k, v in r.items()), flush=True)
@@ -301,6 +315,14 @@ def main():
         print(f"{T:>8}{B:>4}{cell('ours_fwd')}{cell('fla_fwd')}{x_f:>6.2f}{cell('ours_fwdbwd')}{cell('fla_fwdbwd')}"
               f"{x_fb:>6.2f}{cell('sdpa_flash_fwd')}{cell('sdpa_flash_fwdbwd', 11)}{cell('sdpa_cudnn_fwd')}"
               f"{cell('sdpa_cudnn_fwdbwd', 11)}{r['ours_fwd_GBps']:>7.0f}{r['floor_fwd_ms_at_3TBps']:>7.2f}")
+    for name in variants or {}:
+        print(f"\n## ours with {name} = {json.dumps(variants[name])} (x = fla / ours)")
+        for T, B, r in table:
+            f, fb = r.get(f"ours_{name}_fwd"), r.get(f"ours_{name}_fwdbwd")
+            if f and fb:
+                print(f"{T:>8}{B:>4} fwd {f:.3f} (x {r.get('fla_fwd', float('nan')) / f:.2f}, defaults "
+                      f"{r['ours_fwd']:.3f})  f+b {fb:.3f} (x {r.get('fla_fwdbwd', float('nan')) / fb:.2f}, defaults "
+                      f"{r['ours_fwdbwd']:.3f})")
     print("\n## decode step (ms)")
     for N, r in decode:
         fla = r.get("fla_decode", float("nan"))

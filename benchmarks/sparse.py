@@ -2,7 +2,8 @@
 
     python benchmarks/sparse.py            # the official table's shapes: 32K x 8, 64K x 4, 128K x 2, then 256K, 1M
     python benchmarks/sparse.py --quick    # 32K x 2 only
-    python benchmarks/sparse.py --sweep    # launch configurations (BQ, dk/dv BT, stages, warps) at 32K x 2
+    python benchmarks/sparse.py --sweep    # launch configurations (BQ, dk/dv BT, stages, warps) at 32K x 2,
+                                           # attention only, and the defaults' per-kernel times
     python benchmarks/sparse.py --inputs correlated   # queries that drift slowly along the sequence
 
 Inputs: "random" (i.i.d. normal q, k: neighbouring tokens share few top-k blocks, the worst case for
@@ -127,28 +128,70 @@ def run(T, B, Hq=32, Hk=2, D=128, backward=True, sdpa=True, inputs="random"):
     return r
 
 
+# launch configurations (keys of attention._config) for --sweep; BT, warps_dkv, stages_dkv are the dk/dv kernel's
+SWEEP = ({}, {"warps": 8, "stages": 3, "stages_dq": 3, "BT": 4},  # the defaults before the 2026-12-03 sweep
+         {"stages": 2}, {"stages_dq": 3}, {"BQ": 8, "stages": 2}, {"BT": 16, "stages_dkv": 1})
+
+
+def run_sweep(T=32768, B=2, Hq=32, Hk=2, D=128):
+    """Attention-only forward and forward+backward of each launch configuration on random and correlated
+    queries (the selection is the same for all), then the per-kernel CUDA times of the defaults. Returns the
+    configuration with the fastest forward+backward on random queries."""
+    best = ({}, float("inf"))
+    for inputs in ("random", "correlated"):
+        q, k, v = make_inputs(T, B, Hq, Hk, D, inputs)
+        do = torch.randn_like(q)
+        with torch.no_grad():
+            idx = select_blocks(q, k, **SELECT)
+        for override in SWEEP:
+            attention_module.KERNEL_OVERRIDES.clear()
+            attention_module.KERNEL_OVERRIDES.update(override)
+            try:
+                with torch.no_grad():
+                    fwd = bench(lambda: sparse_attention(q, k, v, idx, block_size=64), 100)
+                fb = bench(lambda: torch.autograd.grad(sparse_attention(q, k, v, idx, block_size=64), (q, k, v), do),
+                           100)
+                BQ = attention_module._config(Hq // Hk, D)["BQ"]
+                if inputs == "random" and fb < best[1]:
+                    best = (override, fb)
+                print(f"sweep {inputs} {json.dumps(override)}: attn fwd {fwd:.2f} ms, f+b {fb:.2f} ms, bwd "
+                      f"{fb - fwd:.2f} ms, union/tile {mean_union(idx, BQ):.1f}", flush=True)
+            except Exception as err:  # noqa: BLE001 - report and go on
+                print(f"sweep {inputs} {json.dumps(override)}: {type(err).__name__}: {str(err)[:100]}", flush=True)
+        attention_module.KERNEL_OVERRIDES.clear()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            torch.autograd.grad(sparse_attention(q, k, v, select_blocks(q, k, **SELECT), block_size=64), (q, k, v), do)
+            torch.cuda.synchronize()
+        print(f"\n## defaults per kernel, {inputs}, T={T} B={B}")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8))
+    print(f"best on random queries: {json.dumps(best[0])} ({best[1]:.2f} ms)")
+    return best[0]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--inputs", choices=["random", "correlated"], default="random")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--table-after-sweep", action="store_true", help="then the table with the sweep's best")
+    parser.add_argument("--override", default=None,
+                        help='KERNEL_OVERRIDES for the table as JSON, e.g. \'{"BQ": 1, "warps": 4}\'')
+    parser.add_argument("--topk", type=int, default=SELECT["topk"],
+                        help="top-k blocks besides init 1 + local 32 (31: 64 blocks in all, the official table's)")
     args = parser.parse_args()
+    SELECT["topk"] = args.topk
+    if args.override:
+        attention_module.KERNEL_OVERRIDES.update(json.loads(args.override))
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
-          f"inputs {args.inputs}")
+          f"inputs {args.inputs}, selection {SELECT}, kernel overrides {attention_module.KERNEL_OVERRIDES}")
     if args.sweep:
-        for override in ({}, {"BQ": 2}, {"BQ": 1}, {"BT": 8}, {"BQ": 2, "BT": 8}, {"BQ": 1, "warps": 4},
-                         {"stages": 2}, {"stages": 4}, {"warps": 4}, {"BQ": 2, "warps": 4}):
-            attention_module.KERNEL_OVERRIDES.clear()
-            attention_module.KERNEL_OVERRIDES.update(override)
-            for inputs in ("random", "correlated"):
-                try:
-                    r = run(32768, 2, sdpa=False, inputs=inputs)
-                    print("sweep", override, inputs, {k: round(v, 2) for k, v in r.items()}, flush=True)
-                except Exception as err:  # noqa: BLE001
-                    print("sweep", override, inputs, f"{type(err).__name__}: {str(err)[:100]}", flush=True)
+        best = run_sweep()
+        if not args.table_after_sweep:
+            return
         attention_module.KERNEL_OVERRIDES.clear()
-        return
+        attention_module.KERNEL_OVERRIDES.update(best)
+        print(f"table with {attention_module.KERNEL_OVERRIDES}")
     shapes = [(32768, 2)] if args.quick else [(32768, 8), (65536, 4), (131072, 2)]
     rows = []
     for T, B in shapes:

@@ -135,7 +135,9 @@ def _select_kernel(q, kc, k2, idx, tok_pos, tok_seq, seq_start, seq_len, seq_c_o
         keys = (_sortable(block_score) << 32) | (0x7FFFFFFF - blk[None, :]).to(tl.int64)
         empty = future | (block_score == float("-inf"))
         keys = tl.where(empty, -0x7FFFFFFFFFFFFFFF, keys)
-        # pad the tile's NBT keys to KP with empties, merge with the running best, keep the KP largest
+        # pad the tile's NBT keys to KP with empties, merge with the running best, keep the KP largest.
+        # (Skipping the merge when no key beats a token's SLOTS-th best was measured on H200, 2026-12-03: 11%
+        # slower at 128K x 2, the branch costs more than the sorts it saves.)
         for _ in tl.static_range(PAD_STEPS):
             keys = _cat(keys, tl.full(keys.shape, -0x7FFFFFFFFFFFFFFF, dtype=tl.int64))
         merged = tl.sort(_cat(best, keys), dim=1, descending=True)

@@ -112,8 +112,8 @@ def kernel_overrides():
     recurrent.DECODE_OVERRIDES.clear()
 
 
-@pytest.mark.parametrize("override", [{"BV": 8}, {"BV": 8, "v_first": True}, {"C": 32}, {"block_policy": "waves"}],
-                         ids=["two-V-tiles", "two-V-tiles-v-first", "C32", "waves"])
+@pytest.mark.parametrize("override", [{"BV": 8}, {"BV": 8, "v_first": True}, {"C": 32}, {"block_policy": "programs"}],
+                         ids=["two-V-tiles", "two-V-tiles-v-first", "C32", "programs-policy"])
 def test_launch_configurations_the_benchmark_sweeps(poisoned, kernel_overrides, override):
     """Every configuration benchmarks/lightning.py --sweep may pick as a default computes the same thing:
     V split into tiles (with either grid order) and a larger chunk, over blocks of several chunks and varlen."""
