@@ -4,6 +4,7 @@
     python benchmarks/sparse.py --quick    # 32K x 2 only
     python benchmarks/sparse.py --sweep    # launch configurations (BQ, dk/dv BT, stages, warps) at 32K x 2,
                                            # attention only, and the defaults' per-kernel times
+    python benchmarks/sparse.py --sweep-select   # selection launch variants at 32K x 8 and 128K x 2
     python benchmarks/sparse.py --inputs correlated   # queries that drift slowly along the sequence
 
 Inputs: "random" (i.i.d. normal q, k: neighbouring tokens share few top-k blocks, the worst case for
@@ -168,12 +169,40 @@ def run_sweep(T=32768, B=2, Hq=32, Hk=2, D=128):
     return best[0]
 
 
+SELECT_SWEEP = ({}, {"NBT": 64}, {"NBT": 128}, {"BT": 8}, {"NBT": 64, "BT": 8}, {"stages": 2}, {"NBT": 64, "warps": 8})
+
+
+def run_select_sweep(shapes=((32768, 8), (131072, 2)), Hq=32, Hk=2, D=128):
+    """Selection alone, each launch variant of SELECT_SWEEP on random queries; "same" = the same blocks as the
+    defaults (a variant that changes the summation order may flip near-ties between blocks)."""
+    from sala_train.kernels.sparse import select as select_module
+
+    for T, B in shapes:
+        q, k, _ = make_inputs(T, B, Hq, Hk, D, "random")
+        with torch.no_grad():
+            ref = select_blocks(q, k, **SELECT)
+            for override in SELECT_SWEEP:
+                select_module.SELECT_OVERRIDES.clear()
+                select_module.SELECT_OVERRIDES.update(override)
+                try:
+                    same = (select_blocks(q, k, **SELECT) == ref).all(-1).float().mean().item()
+                    ms = bench(lambda: select_blocks(q, k, **SELECT), 100)
+                    print(f"select {T} x {B} {json.dumps(override)}: {ms:.2f} ms, rows same as defaults {same:.4f}",
+                          flush=True)
+                except Exception as err:  # noqa: BLE001 - report and go on
+                    print(f"select {T} x {B} {json.dumps(override)}: {type(err).__name__}: {str(err)[:100]}",
+                          flush=True)
+        select_module.SELECT_OVERRIDES.clear()
+        del q, k
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--inputs", choices=["random", "correlated"], default="random")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--sweep-select", action="store_true", help="selection launch variants, then exit")
     parser.add_argument("--table-after-sweep", action="store_true", help="then the table with the sweep's best")
     parser.add_argument("--override", default=None,
                         help='KERNEL_OVERRIDES for the table as JSON, e.g. \'{"BQ": 1, "warps": 4}\'')
@@ -185,6 +214,9 @@ def main():
         attention_module.KERNEL_OVERRIDES.update(json.loads(args.override))
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
           f"inputs {args.inputs}, selection {SELECT}, kernel overrides {attention_module.KERNEL_OVERRIDES}")
+    if args.sweep_select:
+        run_select_sweep()
+        return
     if args.sweep:
         best = run_sweep()
         if not args.table_after_sweep:

@@ -157,6 +157,11 @@ def _select_kernel(q, kc, k2, idx, tok_pos, tok_seq, seq_start, seq_len, seq_c_o
 
 # -- host side --------------------------------------------------------------------------------------
 
+# Benchmarks sweep the selection's launch through this dict; empty = defaults. Keys: "NBT" (key blocks scored
+# per step, one top-k merge each: a power of two, at most the slots rounded up), "BT" (tokens per program),
+# "warps", "stages". On H200 (2026-12-03) 8 warps were 2x slower than 4.
+SELECT_OVERRIDES: dict = {}
+
 def triton_supports(block_size: int, kernel_size: int, kernel_stride: int, D: int) -> bool:
     m = block_size // kernel_stride
     return (kernel_size == 2 * kernel_stride and block_size % kernel_stride == 0 and m >= 1 and m & (m - 1) == 0
@@ -182,9 +187,11 @@ def triton_select_blocks(q, k, seq_bounds, *, block_size, kernel_size, kernel_st
     k2 = k2[0].to(q.dtype).contiguous() if k2.shape[1] else q.new_zeros(1, Hk, D)
     slots = init_blocks + local_blocks + topk
     KP = triton.next_power_of_2(slots)
-    NBT = min(32, KP)
     BG = triton.next_power_of_2(G)
-    BT = max(1, 64 // BG)
+    cfg = {"NBT": 32, "BT": max(1, 64 // BG), "warps": 4, "stages": 3, **SELECT_OVERRIDES}
+    NBT, BT = min(cfg["NBT"], KP), cfg["BT"]
+    if NBT & (NBT - 1) or BT & (BT - 1) or BT * BG < 16:
+        raise ValueError(f"selection launch NBT={NBT}, BT={BT}: need powers of two and BT x {BG} heads >= 16 rows")
     tile_pos, _, tile_seq = tiles(seq_bounds, BT, q_start)
     idx = torch.full((Hk, TT, slots), -1, dtype=torch.int32, device=device)
     if not len(tile_pos):
@@ -197,5 +204,6 @@ def triton_select_blocks(q, k, seq_bounds, *, block_size, kernel_size, kernel_st
         as_i32([e - s for s, e in zip(starts, ends)]), cu_c.to(torch.int32), cu_2.to(torch.int32), scale, TT,
         HQ=Hq, HK=Hk, G=G, BG=BG, D=D, BT=BT, BLOCK=block_size, W=kernel_size, STRIDE=kernel_stride,
         W2=4 * kernel_size, STRIDE2=4 * kernel_stride, M=block_size // kernel_stride, NBT=NBT, INIT=init_blocks,
-        LOCAL=local_blocks, SLOTS=slots, KP=KP, C2T=32, PAD_STEPS=pad_steps, num_warps=4)
+        LOCAL=local_blocks, SLOTS=slots, KP=KP, C2T=32, PAD_STEPS=pad_steps, num_warps=cfg["warps"],
+        num_stages=cfg["stages"])
     return idx
