@@ -39,13 +39,38 @@ def _cat(a, b):
     return tl.reshape(tl.permute(tl.join(a, b), (0, 2, 1)), [R, 2 * N])
 
 
+EMPTY: tl.constexpr = tl.constexpr(-0x7FFFFFFFFFFFFFFF)  # a packed key that sorts after every real one
+
+
+@triton.jit
+def _merge_top(best, keys, PAD_STEPS: tl.constexpr, LOG_KP: tl.constexpr):
+    """best [R, KP] sorted descending, keys [R, NBT] in any order -> the KP largest of both, sorted descending
+    (exactly the first half of a full sort of the two). The new keys are sorted ascending and padded in front
+    with EMPTY to KP, so best followed by them is a bitonic sequence: one compare at distance KP (an
+    elementwise max) keeps its KP largest, still bitonic, and LOG_KP half-cleaner stages sort them. A sort of
+    NBT keys plus log2(KP) stages, against log2(2 KP)^2 / 2 stages over twice the keys for a full sort."""
+    R: tl.constexpr = best.shape[0]
+    KP: tl.constexpr = best.shape[1]
+    asc = tl.sort(keys, dim=1, descending=False)
+    for _ in tl.static_range(PAD_STEPS):
+        asc = _cat(tl.full(asc.shape, EMPTY, dtype=tl.int64), asc)
+    x = tl.maximum(best, asc)
+    for i in tl.static_range(LOG_KP):
+        # compare each element with the one KP >> (i + 1) further, in groups of twice that
+        pairs = tl.permute(tl.reshape(x, [R, 1 << i, 2, KP >> (i + 1)]), (0, 1, 3, 2))
+        a, b = tl.split(pairs)
+        x = tl.reshape(tl.permute(tl.join(tl.maximum(a, b), tl.minimum(a, b)), (0, 1, 3, 2)), [R, KP])
+    return x
+
+
 @triton.jit
 def _select_kernel(q, kc, k2, idx, tok_pos, tok_seq, seq_start, seq_len, seq_c_off, seq_2_off, scale, TT,
                    HQ: tl.constexpr, HK: tl.constexpr, G: tl.constexpr, BG: tl.constexpr, D: tl.constexpr,
                    BT: tl.constexpr, BLOCK: tl.constexpr, W: tl.constexpr, STRIDE: tl.constexpr,
                    W2: tl.constexpr, STRIDE2: tl.constexpr, M: tl.constexpr, NBT: tl.constexpr,
                    INIT: tl.constexpr, LOCAL: tl.constexpr, SLOTS: tl.constexpr, KP: tl.constexpr,
-                   C2T: tl.constexpr, PAD_STEPS: tl.constexpr):
+                   C2T: tl.constexpr, PAD_STEPS: tl.constexpr,
+                   LOG_KP: tl.constexpr, BITONIC_MERGE: tl.constexpr):
     tile = tl.program_id(0)
     hk = tl.program_id(1)
     # the tile's first token (global); tiles never cross sequences (see the host side)
@@ -103,7 +128,7 @@ def _select_kernel(q, kc, k2, idx, tok_pos, tok_seq, seq_start, seq_len, seq_c_o
         lse = tl.where(l2 > 0, lse, tl.where(lc > 0, mc + tl.log(tl.maximum(lc, 1e-30)), 0.0))
 
     # 2./3. block scores tile by tile, running top-k of packed (score, block) keys
-    best = tl.full([BT, KP], -0x7FFFFFFFFFFFFFFF, dtype=tl.int64)  # empty: sorts last
+    best = tl.full([BT, KP], EMPTY, dtype=tl.int64)
     tok_local = (t0 - s_start) + tl.arange(0, BT)
     own = tok_local // BLOCK
     n_blocks_vis = tl.minimum(last_t // BLOCK + 1, tl.cdiv(s_len, BLOCK))
@@ -134,18 +159,21 @@ def _select_kernel(q, kc, k2, idx, tok_pos, tok_seq, seq_start, seq_len, seq_c_o
         future = blk[None, :] > own[:, None]
         keys = (_sortable(block_score) << 32) | (0x7FFFFFFF - blk[None, :]).to(tl.int64)
         empty = future | (block_score == float("-inf"))
-        keys = tl.where(empty, -0x7FFFFFFFFFFFFFFF, keys)
-        # pad the tile's NBT keys to KP with empties, merge with the running best, keep the KP largest.
-        # (Skipping the merge when no key beats a token's SLOTS-th best was measured on H200, 2026-12-03: 11%
-        # slower at 128K x 2, the branch costs more than the sorts it saves.)
-        for _ in tl.static_range(PAD_STEPS):
-            keys = _cat(keys, tl.full(keys.shape, -0x7FFFFFFFFFFFFFFF, dtype=tl.int64))
-        merged = tl.sort(_cat(best, keys), dim=1, descending=True)
-        best = tl.split(tl.permute(tl.reshape(merged, [BT, 2, KP]), (0, 2, 1)))[0]
+        keys = tl.where(empty, EMPTY, keys)
+        # merge with the running best, keep the KP largest. (Skipping the merge when no key beats a token's
+        # SLOTS-th best was measured on H200, 2026-12-03: 11% slower at 128K x 2, the branch costs more than
+        # the sorts it saves.)
+        if BITONIC_MERGE:
+            best = _merge_top(best, keys, PAD_STEPS, LOG_KP)
+        else:  # pad the tile's NBT keys to KP with empties, sort them with the running best, keep the first half
+            for _ in tl.static_range(PAD_STEPS):
+                keys = _cat(keys, tl.full(keys.shape, EMPTY, dtype=tl.int64))
+            merged = tl.sort(_cat(best, keys), dim=1, descending=True)
+            best = tl.split(tl.permute(tl.reshape(merged, [BT, 2, KP]), (0, 2, 1)))[0]
 
     # 4. slots -> block indices ascending, -1 padded
     col = tl.arange(0, KP)
-    taken = (best > -0x7FFFFFFFFFFFFFFF) & (col[None, :] < SLOTS)
+    taken = (best > EMPTY) & (col[None, :] < SLOTS)
     block_id = (0x7FFFFFFF - (best & 0xFFFFFFFF)).to(tl.int32)
     block_id = tl.where(taken, block_id, 0x3FFFFFFF)
     block_id = tl.sort(block_id, dim=1)
@@ -159,7 +187,8 @@ def _select_kernel(q, kc, k2, idx, tok_pos, tok_seq, seq_start, seq_len, seq_c_o
 
 # Benchmarks sweep the selection's launch through this dict; empty = defaults. Keys: "NBT" (key blocks scored
 # per step, one top-k merge each: a power of two, at most the slots rounded up), "BT" (tokens per program),
-# "warps", "stages". On H200 (2026-12-03) 8 warps were 2x slower than 4.
+# "warps", "stages", "merge" ("sort": a full sort of the running best with the new keys; "bitonic": _merge_top,
+# fewer stages, not yet timed on a GPU). On H200 (2026-12-03) 8 warps were 2x slower than 4.
 SELECT_OVERRIDES: dict = {}
 
 def triton_supports(block_size: int, kernel_size: int, kernel_stride: int, D: int) -> bool:
@@ -188,7 +217,9 @@ def triton_select_blocks(q, k, seq_bounds, *, block_size, kernel_size, kernel_st
     slots = init_blocks + local_blocks + topk
     KP = triton.next_power_of_2(slots)
     BG = triton.next_power_of_2(G)
-    cfg = {"NBT": 32, "BT": max(1, 64 // BG), "warps": 4, "stages": 3, **SELECT_OVERRIDES}
+    cfg = {"NBT": 32, "BT": max(1, 64 // BG), "warps": 4, "stages": 3, "merge": "sort", **SELECT_OVERRIDES}
+    if cfg["merge"] not in ("sort", "bitonic"):
+        raise ValueError(f"selection merge must be 'sort' or 'bitonic', not {cfg['merge']!r}")
     NBT, BT = min(cfg["NBT"], KP), cfg["BT"]
     if NBT & (NBT - 1) or BT & (BT - 1) or BT * BG < 16:
         raise ValueError(f"selection launch NBT={NBT}, BT={BT}: need powers of two and BT x {BG} heads >= 16 rows")
@@ -204,6 +235,7 @@ def triton_select_blocks(q, k, seq_bounds, *, block_size, kernel_size, kernel_st
         as_i32([e - s for s, e in zip(starts, ends)]), cu_c.to(torch.int32), cu_2.to(torch.int32), scale, TT,
         HQ=Hq, HK=Hk, G=G, BG=BG, D=D, BT=BT, BLOCK=block_size, W=kernel_size, STRIDE=kernel_stride,
         W2=4 * kernel_size, STRIDE2=4 * kernel_stride, M=block_size // kernel_stride, NBT=NBT, INIT=init_blocks,
-        LOCAL=local_blocks, SLOTS=slots, KP=KP, C2T=32, PAD_STEPS=pad_steps, num_warps=cfg["warps"],
+        LOCAL=local_blocks, SLOTS=slots, KP=KP, C2T=32, PAD_STEPS=pad_steps, LOG_KP=KP.bit_length() - 1,
+        BITONIC_MERGE=cfg["merge"] == "bitonic", num_warps=cfg["warps"],
         num_stages=cfg["stages"])
     return idx

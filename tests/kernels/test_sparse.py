@@ -55,8 +55,10 @@ def test_triton_selection_equals_reference(Hq, Hk, T):
     assert torch.equal(got, ref.to(got.dtype))
 
 
-@pytest.mark.parametrize("override", [{"NBT": 2}, {"NBT": 4, "BT": 8}, {"BT": 16, "warps": 2}],
-                         ids=["2-blocks-per-merge", "4-blocks-8-tokens", "16-tokens-2-warps"])
+@pytest.mark.parametrize("override", [{"NBT": 2}, {"NBT": 4, "BT": 8}, {"BT": 16, "warps": 2}, {"merge": "bitonic"},
+                                      {"merge": "bitonic", "NBT": 2}],
+                         ids=["2-blocks-per-merge", "4-blocks-8-tokens", "16-tokens-2-warps", "bitonic",
+                              "bitonic-2-blocks-per-merge"])
 def test_selection_launch_configurations_the_benchmark_sweeps(monkeypatch, override):
     """Fewer blocks per top-k merge (more merges, padded keys) and other tile sizes select exactly the same
     blocks: 13 blocks over 2 documents, so the running top-k is merged several times per tile."""
@@ -72,10 +74,11 @@ def test_selection_launch_configurations_the_benchmark_sweeps(monkeypatch, overr
 def test_selection_launch_configuration_is_checked(monkeypatch):
     from sala_train.kernels.sparse import select as select_module
 
-    monkeypatch.setattr(select_module, "SELECT_OVERRIDES", {"NBT": 3})
     q, k, _ = qkv(1, 40, 4, 2, dtype=torch.float32)
-    with pytest.raises(ValueError, match="NBT=3"):
-        select_blocks(q, k, **TINY)
+    for override, message in (({"NBT": 3}, "NBT=3"), ({"merge": "heap"}, "merge must be 'sort' or 'bitonic'")):
+        monkeypatch.setattr(select_module, "SELECT_OVERRIDES", override)
+        with pytest.raises(ValueError, match=message):
+            select_blocks(q, k, **TINY)
 
 
 def test_triton_selection_varlen_equals_reference_and_separate_documents():
