@@ -190,7 +190,12 @@ SWEEP_CONFIGS = (
     {"stages_fwd": 2},  # the H100 default before the 2026-12-03 H200 sweep
     {"stages_fwd": 4},
     {"C": 32, "warps_fwd": 4},
-    {"C": 128},  # half the serial chunk steps per block, twice the intra-chunk work in each
+    # the one spill-free forward with one V tile by `python -m sala_train.kernels.compile_check`-style ptxas
+    # reports (Triton 3.7.1, sm_90): the defaults' output kernel spills 168 B at 255 registers, C 32 none (236)
+    {"C": 32},
+    {"C": 32, "stages_fwd": 2},
+    {"C": 128},  # half the serial chunk steps per block, twice the intra-chunk work in each (needs 288 KB of
+    # shared memory at 3 stages by ptxas: more than an H100/H200 has, so expect an out-of-resources cell)
     {"C": 128, "stages_fwd": 2},
     # two V tiles per head: half the state in registers, q and k read by both tiles; v_first puts the two side
     # by side in the grid so that the second read hits L2 (on H200, 2026-12-03: 5-7% faster than without, and
