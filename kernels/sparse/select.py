@@ -146,8 +146,10 @@ def _select_kernel(q, kc, k2, idx, tok_pos, tok_seq, seq_start, seq_len, seq_c_o
         s_main = tl.dot(qr, tl.trans(km)) * scale - lse[:, None]
         vis_main = r_valid[:, None] & (j_main[None, :] < c_cnt) & (j_main[None, :] * STRIDE + W - 1 <= local_t[:, None])
         p_main = tl.sum(tl.reshape(tl.where(vis_main, tl.exp(s_main), 0.0), [BT, BG, NBT * M]), 1)
-        any_main = tl.max(tl.reshape(vis_main.to(tl.int32), [BT, BG, NBT * M]), 1)
-        p3 = tl.reshape(tl.where(any_main > 0, p_main, float("-inf")), [BT, NBT, M])
+        # a window counts for a token when some head of it sees it: the token is real and the window visible
+        any_main = (tok_local < s_len)[:, None] & (j_main[None, :] < c_cnt) & \
+            (j_main[None, :] * STRIDE + W - 1 <= tok_local[:, None])
+        p3 = tl.reshape(tl.where(any_main, p_main, float("-inf")), [BT, NBT, M])
         last = tl.sum(tl.where((tl.arange(0, M) == M - 1)[None, None, :], p3, 0.0), 2)  # [BT, NBT]
         shifted = tl.gather(last, tl.broadcast_to(tl.maximum(rb - 1, 0)[None, :], [BT, NBT]), 1)
         p_left = tl.where(rb[None, :] == 0, carry[:, None], shifted)
